@@ -1,0 +1,426 @@
+"""`SparseLinear`: a Dense layer whose kernel carries a learnable pruning mask."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import activations, constraints, initializers, ops, regularizers
+
+# The mask's transition band is about 4 / temperature wide in weight units.
+# Tying the default temperature to the kernel's spread at build time makes the
+# same default equally sharp in a 784x300 layer (std ~0.04) and a 64x10 one
+# (std ~0.2): `temperature = DEFAULT_RELATIVE_TEMPERATURE / std(kernel)`.
+DEFAULT_RELATIVE_TEMPERATURE = 10.0
+
+_INFERENCE_MASKS = ("hard", "soft")
+
+
+def _check_temperature(value):
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "Received an invalid value for `temperature`, expected a positive "
+            f"finite number. Received: temperature={value!r}"
+        ) from None
+    if not math.isfinite(as_float) or as_float <= 0:
+        raise ValueError(
+            "Received an invalid value for `temperature`, expected a positive "
+            f"finite number. Received: temperature={value!r}"
+        )
+    return as_float
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse")
+class SparseLinear(keras.layers.Layer):
+    """Densely-connected layer with a differentiable magnitude-pruning mask.
+
+    The kernel is multiplied by a soft mask whose threshold is learned:
+
+    ```
+    mask = sigmoid((|kernel| - threshold) * temperature)
+    output = activation(inputs @ (kernel * mask) + bias)
+    ```
+
+    In training mode this is the formula above (the sigmoid lets gradients
+    reach the threshold). In inference mode (`training=False`, which is what
+    `model.evaluate` and `model.predict` use) the mask is hard by default,
+    `|kernel| >= threshold`, so what is evaluated is exactly the model that
+    `hard_prune()` or `keras_sparse.strip()` hands over. Pass
+    `inference_mask="soft"` to keep the soft mask at inference.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        activation: Activation function. Defaults to `None` (linear).
+        use_bias: Whether the layer uses a bias vector. Defaults to `True`.
+        structured: If `True` (default), one threshold per output neuron,
+            shape `(units,)`; if `False`, one threshold per weight, shape
+            `(in_features, units)`.
+        temperature: Positive float, the sharpness of the soft mask in
+            1/weight units. Defaults to `None`: at build time it is set to
+            `DEFAULT_RELATIVE_TEMPERATURE / std(kernel)` (10 / std), so the
+            mask is equally sharp whatever the layer's weight scale. Settable
+            later through the `temperature` property (a non-trainable
+            variable, so a change reaches an already compiled train step).
+        kernel_initializer: Initializer for the kernel. Defaults to
+            `"glorot_uniform"`.
+        bias_initializer: Initializer for the bias. Defaults to `"zeros"`.
+        threshold_initializer: Initializer for the threshold. Defaults to
+            `"zeros"`: the layer starts dense.
+        kernel_regularizer, bias_regularizer, threshold_regularizer:
+            Regularizers for each weight. Default `None`.
+        activity_regularizer: Regularizer for the output. Default `None`.
+        kernel_constraint, bias_constraint: Constraints. Default `None`.
+        threshold_constraint: Constraint for the threshold. Defaults to
+            `"non_neg"`: a negative threshold prunes nothing and only shrinks
+            small weights, so it is clipped at zero.
+        straight_through: If `True`, the training forward pass uses the hard
+            mask while gradients flow through the soft one (a straight-through
+            estimator). Defaults to `False` (the seed's soft mask).
+        inference_mask: `"hard"` (default) or `"soft"`: the mask used when
+            `training=False`.
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., in_features)`, N >= 2.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> layer = keras_sparse.SparseLinear.new(784, 256)
+    >>> y = layer(np.ones((32, 784), "float32"))
+    >>> y.shape
+    (32, 256)
+    >>> print(f"Density: {layer.density() * 100:.1f}%")
+    Density: 100.0%
+    """
+
+    def __init__(
+        self,
+        units,
+        activation=None,
+        use_bias=True,
+        structured=True,
+        temperature=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        threshold_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        threshold_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        threshold_constraint="non_neg",
+        straight_through=False,
+        inference_mask="hard",
+        **kwargs,
+    ):
+        if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units <= 0:
+            raise ValueError(
+                "Received an invalid value for `units`, expected a positive "
+                f"integer. Received: units={units!r}"
+            )
+        if temperature is not None:
+            temperature = _check_temperature(temperature)
+        if inference_mask not in _INFERENCE_MASKS:
+            raise ValueError(
+                "Received an invalid value for `inference_mask`, expected one "
+                f"of {_INFERENCE_MASKS}. Received: inference_mask={inference_mask!r}"
+            )
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.units = int(units)
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.structured = bool(structured)
+        self.initial_temperature = temperature
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.threshold_initializer = initializers.get(threshold_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.threshold_regularizer = regularizers.get(threshold_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.threshold_constraint = constraints.get(threshold_constraint)
+        self.straight_through = bool(straight_through)
+        self.inference_mask = inference_mask
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, input_shape):
+        in_features = input_shape[-1]
+        if in_features is None:
+            raise ValueError(
+                "The last dimension of the inputs to `SparseLinear` should be "
+                f"defined. Received: input_shape={tuple(input_shape)}"
+            )
+        in_features = int(in_features)
+        kernel_shape = (in_features, self.units)
+        threshold_shape = (self.units,) if self.structured else kernel_shape
+        # Every weight is float32 whatever the dtype policy, and is read
+        # without autocasting: the mask is computed in float32 and only the
+        # masked kernel is cast to the compute dtype.
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=kernel_shape,
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+            dtype="float32",
+            autocast=False,
+        )
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.units,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+                dtype="float32",
+                autocast=False,
+            )
+        else:
+            self.bias = None
+        self.threshold = self.add_weight(
+            name="threshold",
+            shape=threshold_shape,
+            initializer=self.threshold_initializer,
+            regularizer=self.threshold_regularizer,
+            constraint=self.threshold_constraint,
+            dtype="float32",
+            autocast=False,
+        )
+        # Weights removed by `hard_prune()`: 1 = alive, 0 = pruned for good.
+        # It multiplies the mask in every mode, so no later training can
+        # bring a pruned weight back (its gradient is zero).
+        self.prune_mask = self.add_weight(
+            name="prune_mask",
+            shape=kernel_shape,
+            initializer="ones",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+        )
+        temperature = self.initial_temperature
+        if temperature is None:
+            temperature = self._scale_free_temperature(DEFAULT_RELATIVE_TEMPERATURE)
+        self._temperature = self.add_weight(
+            name="temperature",
+            shape=(),
+            initializer=initializers.Constant(temperature),
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+        )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: in_features})
+        self.built = True
+
+    def _scale_free_temperature(self, relative_temperature):
+        """`relative_temperature / std(kernel)`: one sharpness for every scale."""
+        std = float(ops.convert_to_numpy(ops.std(self.kernel)))
+        if not math.isfinite(std) or std <= 0:
+            return float(relative_temperature)
+        return float(relative_temperature) / std
+
+    # ---------------------------------------------------------------- forward
+
+    def _soft_mask(self):
+        """The seed's mask, `sigmoid((|kernel| - threshold) * temperature)`."""
+        logits = (ops.abs(self.kernel) - self.threshold) * self._temperature
+        return ops.sigmoid(logits) * self.prune_mask
+
+    def _hard_mask(self):
+        """`|kernel| >= threshold`, with pruned weights kept at zero."""
+        keep = ops.greater_equal(ops.abs(self.kernel), self.threshold)
+        return ops.cast(keep, "float32") * self.prune_mask
+
+    def _mask(self, training):
+        if training or self.inference_mask == "soft":
+            soft = self._soft_mask()
+            if training and self.straight_through:
+                # Hard mask forward, sigmoid gradient backward.
+                return soft + ops.stop_gradient(self._hard_mask() - soft)
+            return soft
+        return self._hard_mask()
+
+    def call(self, inputs, training=None):
+        kernel = self.kernel * self._mask(bool(training))
+        outputs = ops.matmul(inputs, ops.cast(kernel, self.compute_dtype))
+        if self.bias is not None:
+            outputs = ops.add(outputs, ops.cast(self.bias, self.compute_dtype))
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-1] + (self.units,)
+
+    # ------------------------------------------------------ seed-style API
+
+    @classmethod
+    def new(cls, in_features, out_features, **kwargs):
+        """A built structured layer with bias, as the seed's `SparseLinear::new`."""
+        return cls._built(in_features, out_features, **kwargs)
+
+    @classmethod
+    def unstructured(cls, in_features, out_features, **kwargs):
+        """A built layer with one threshold per weight."""
+        return cls._built(in_features, out_features, structured=False, **kwargs)
+
+    @classmethod
+    def with_bias(cls, in_features, out_features, bias, **kwargs):
+        """A built structured layer, with or without a bias (`bias`: bool)."""
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"Received an invalid value for `bias`, expected a bool. Received: bias={bias!r}")
+        return cls._built(in_features, out_features, use_bias=bool(bias), **kwargs)
+
+    @classmethod
+    def _built(cls, in_features, out_features, **kwargs):
+        if (
+            isinstance(in_features, bool)
+            or not isinstance(in_features, (int, np.integer))
+            or in_features <= 0
+        ):
+            raise ValueError(
+                "Received an invalid value for `in_features`, expected a "
+                f"positive integer. Received: in_features={in_features!r}"
+            )
+        layer = cls(out_features, **kwargs)
+        layer.build((None, int(in_features)))
+        return layer
+
+    @property
+    def in_features(self):
+        """Size of each input sample, or `None` before the layer is built."""
+        return int(self.kernel.shape[0]) if self.built else None
+
+    @property
+    def out_features(self):
+        """Size of each output sample (`units`)."""
+        return self.units
+
+    @property
+    def is_structured(self):
+        """Whether there is one threshold per output neuron."""
+        return self.structured
+
+    @property
+    def temperature(self):
+        """The mask's sharpness (a float); `None` before build if left to default."""
+        if not self.built:
+            return self.initial_temperature
+        return float(ops.convert_to_numpy(self._temperature))
+
+    @temperature.setter
+    def temperature(self, value):
+        value = _check_temperature(value)
+        if not self.built:
+            self.initial_temperature = value
+        else:
+            self._temperature.assign(value)
+
+    def _require_built(self, method):
+        if not self.built:
+            raise ValueError(
+                f"`{method}()` needs the layer's weights, but layer "
+                f"'{self.name}' is not built yet. Call it on an input or call "
+                "`layer.build(input_shape)` first."
+            )
+
+    def _hard_mask_numpy(self):
+        kernel = ops.convert_to_numpy(self.kernel)
+        threshold = ops.convert_to_numpy(self.threshold)
+        keep = ops.convert_to_numpy(self.prune_mask) > 0
+        return (np.abs(kernel) >= threshold) & keep
+
+    def num_active(self):
+        """Number of weights with `|w| >= threshold` that were not pruned."""
+        self._require_built("num_active")
+        return int(self._hard_mask_numpy().sum())
+
+    def density(self):
+        """Fraction of weights that are active (hard threshold)."""
+        self._require_built("density")
+        return float(self._hard_mask_numpy().mean())
+
+    def sparsity(self):
+        """Fraction of weights that are pruned: `1 - density()`."""
+        self._require_built("sparsity")
+        return 1.0 - self.density()
+
+    def effective_weight(self):
+        """`kernel * hard_mask`, shape `(in_features, units)`; the layer is unchanged."""
+        self._require_built("effective_weight")
+        return self.kernel * self._hard_mask()
+
+    def hard_prune(self):
+        """Zero the weights below the threshold and reset the threshold to 0.
+
+        Irreversible: the pruned weights are recorded in `prune_mask`, so
+        `density()` still counts them as pruned and further training cannot
+        bring them back.
+        """
+        self._require_built("hard_prune")
+        keep = self._hard_mask_numpy()
+        kernel = ops.convert_to_numpy(self.kernel)
+        self.kernel.assign(np.where(keep, kernel, 0.0).astype("float32"))
+        self.prune_mask.assign(keep.astype("float32"))
+        self.threshold.assign(np.zeros(self.threshold.shape, "float32"))
+
+    def reset_threshold(self, value):
+        """Set every threshold to `value` (a non-negative float, or an array
+        broadcastable to the threshold's shape)."""
+        self._require_built("reset_threshold")
+        try:
+            array = np.asarray(value, dtype="float32")
+        except (TypeError, ValueError):
+            raise TypeError(
+                "Received an invalid value for `value`, expected a non-negative "
+                f"finite number or array. Received: value={value!r}"
+            ) from None
+        if not np.all(np.isfinite(array)) or np.any(array < 0):
+            raise ValueError(
+                "Received an invalid value for `value`, expected non-negative "
+                f"finite threshold(s). Received: value={value!r}"
+            )
+        try:
+            array = np.broadcast_to(array, self.threshold.shape)
+        except ValueError:
+            raise ValueError(
+                "Received an invalid value for `value`: its shape "
+                f"{array.shape} does not broadcast to the threshold's shape "
+                f"{tuple(self.threshold.shape)}. Received: value={value!r}"
+            ) from None
+        self.threshold.assign(np.array(array))
+
+    # ------------------------------------------------------------ config
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "units": self.units,
+            "activation": activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "structured": self.structured,
+            "temperature": self.initial_temperature,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "threshold_initializer": initializers.serialize(self.threshold_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "threshold_regularizer": regularizers.serialize(self.threshold_regularizer),
+            "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+            "threshold_constraint": constraints.serialize(self.threshold_constraint),
+            "straight_through": self.straight_through,
+            "inference_mask": self.inference_mask,
+        }
+        return {**base_config, **config}

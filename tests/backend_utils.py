@@ -1,0 +1,40 @@
+"""The one place where tests touch backend-specific autodiff."""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def gradients(layer, x, upstream, training=True):
+    """Gradients of `sum(layer(x) * upstream)` w.r.t. `layer.trainable_variables`, as NumPy."""
+    backend = keras.backend.backend()
+    variables = layer.trainable_variables
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = ops.sum(layer(x, training=training) * upstream)
+        grads = tape.gradient(loss, [v.value for v in variables])
+    elif backend == "jax":
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss_fn(trainable):
+            y, _ = layer.stateless_call(trainable, non_trainable, x, training=training)
+            return ops.sum(y * upstream)
+
+        grads = jax.grad(loss_fn)([v.value for v in variables])
+    elif backend == "torch":
+        for v in variables:
+            v.value.grad = None
+        loss = ops.sum(layer(x, training=training) * ops.convert_to_tensor(upstream))
+        loss.backward()
+        grads = [v.value.grad for v in variables]
+    else:  # pragma: no cover
+        raise NotImplementedError(backend)
+    return [ops.convert_to_numpy(g) for g in grads]
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))

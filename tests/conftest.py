@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "requires_tensorflow: needs the TensorFlow backend")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_tf = pytest.mark.skip(reason="this route exists only on the TensorFlow backend")
+    for item in items:
+        if "requires_tensorflow" in item.keywords and BACKEND != "tensorflow":
+            item.add_marker(skip_tf)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    keras.config.set_dtype_policy("float32")
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,230 @@
+"""SparseLinear against the seed's formulas (NumPy references) and its API."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from backend_utils import gradients, to_numpy
+
+import reference
+from keras_sparse import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
+
+
+def make_layer(rng, in_features=6, units=4, structured=True, use_bias=True, temperature=5.0):
+    layer = SparseLinear(units, structured=structured, use_bias=use_bias, temperature=temperature)
+    layer.build((None, in_features))
+    layer.kernel.assign(rng.normal(size=(in_features, units)).astype("float32"))
+    if use_bias:
+        layer.bias.assign(rng.normal(size=(units,)).astype("float32"))
+    threshold_shape = (units,) if structured else (in_features, units)
+    layer.threshold.assign(rng.uniform(0.2, 0.9, size=threshold_shape).astype("float32"))
+    return layer
+
+
+def layer_arrays(layer):
+    bias = to_numpy(layer.bias) if layer.use_bias else None
+    return to_numpy(layer.kernel), bias, to_numpy(layer.threshold)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_training_forward_is_the_seed_formula(rng, structured, use_bias):
+    layer = make_layer(rng, structured=structured, use_bias=use_bias)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    kernel, bias, threshold = layer_arrays(layer)
+    expected = reference.forward(x, kernel, bias, threshold, 5.0)
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_inference_forward_uses_the_hard_mask_by_default(rng, structured):
+    layer = make_layer(rng, structured=structured)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    kernel, bias, threshold = layer_arrays(layer)
+    expected = reference.forward(x, kernel, bias, threshold, 5.0, hard=True)
+    np.testing.assert_allclose(to_numpy(layer(x, training=False)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_inference_mask_keeps_the_seed_forward(rng):
+    layer = make_layer(rng)
+    soft = SparseLinear(4, temperature=5.0, inference_mask="soft")
+    soft.build((None, 6))
+    soft.set_weights(layer.get_weights())
+    x = rng.normal(size=(5, 6)).astype("float32")
+    kernel, bias, threshold = layer_arrays(layer)
+    expected = reference.forward(x, kernel, bias, threshold, 5.0)
+    np.testing.assert_allclose(to_numpy(soft(x, training=False)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_of_rank_three_are_handled_like_dense(rng):
+    layer = make_layer(rng)
+    x = rng.normal(size=(2, 3, 6)).astype("float32")
+    kernel, bias, threshold = layer_arrays(layer)
+    expected = reference.forward(x, kernel, bias, threshold, 5.0)
+    out = to_numpy(layer(x, training=True))
+    assert out.shape == (2, 3, 4)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_is_applied_after_the_bias(rng):
+    layer = SparseLinear(4, activation="relu", temperature=5.0)
+    layer.build((None, 6))
+    layer.set_weights(make_layer(rng).get_weights())
+    x = rng.normal(size=(5, 6)).astype("float32")
+    kernel, bias, threshold = layer_arrays(layer)
+    expected = np.maximum(reference.forward(x, kernel, bias, threshold, 5.0), 0)
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_gradients_match_the_analytic_formula(rng, structured):
+    layer = make_layer(rng, structured=structured)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    upstream = rng.normal(size=(5, 4)).astype("float32")
+    kernel, _, threshold = layer_arrays(layer)
+    d_kernel, d_bias, d_threshold = gradients(layer, x, upstream)
+    want_kernel, want_threshold = reference.gradients(x, kernel, threshold, 5.0, upstream)
+    np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_bias, upstream.sum(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-4, atol=1e-4)
+
+
+def test_threshold_gradient_matches_finite_differences(rng):
+    layer = make_layer(rng, temperature=2.0)
+    x = rng.normal(size=(5, 6)).astype("float64")
+    upstream = rng.normal(size=(5, 4))
+    kernel, bias, threshold = (a.astype("float64") for a in layer_arrays(layer))
+    _, _, d_threshold = gradients(layer, x.astype("float32"), upstream.astype("float32"))
+
+    def loss(t):
+        return np.sum(reference.forward(x, kernel, bias, t, 2.0) * upstream)
+
+    eps = 1e-6
+    numeric = np.array(
+        [(loss(threshold + eps * e) - loss(threshold - eps * e)) / (2 * eps) for e in np.eye(4)]
+    )
+    np.testing.assert_allclose(d_threshold, numeric, rtol=1e-3, atol=1e-3)
+
+
+def test_straight_through_forward_is_hard_and_gradient_is_soft(rng):
+    layer = SparseLinear(4, temperature=5.0, straight_through=True)
+    layer.build((None, 6))
+    layer.set_weights(make_layer(rng).get_weights())
+    x = rng.normal(size=(5, 6)).astype("float32")
+    upstream = rng.normal(size=(5, 4)).astype("float32")
+    kernel, bias, threshold = layer_arrays(layer)
+    hard = reference.forward(x, kernel, bias, threshold, 5.0, hard=True)
+    np.testing.assert_allclose(to_numpy(layer(x, training=True)), hard, rtol=1e-5, atol=1e-5)
+    d_threshold = gradients(layer, x, upstream)[2]
+    mask = reference.soft_mask(kernel, threshold, 5.0)
+    want = -((x.T @ upstream) * kernel * mask * (1 - mask) * 5.0).sum(axis=0)
+    np.testing.assert_allclose(d_threshold, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- weights, shapes
+
+
+@pytest.mark.parametrize(
+    "structured, threshold_shape", [(True, (4,)), (False, (6, 4))], ids=["structured", "unstructured"]
+)
+def test_weights_have_keras_layout_and_float32(structured, threshold_shape):
+    layer = SparseLinear(4, structured=structured)
+    assert layer.in_features is None
+    layer.build((None, 6))
+    assert layer.kernel.shape == (6, 4)
+    assert layer.bias.shape == (4,)
+    assert layer.threshold.shape == threshold_shape
+    paths = [w.path for w in layer.trainable_weights]
+    assert [p.split("/")[-1] for p in paths] == ["kernel", "bias", "threshold"]
+    assert all(w.dtype == "float32" for w in layer.weights)
+    assert layer.in_features == 6 and layer.out_features == 4
+    assert layer.is_structured is structured
+    n_threshold = int(np.prod(threshold_shape))
+    # kernel + bias + threshold trainable; prune_mask + temperature not
+    assert layer.count_params() == 24 + 4 + n_threshold + 24 + 1
+
+
+def test_factories_return_built_layers():
+    layer = SparseLinear.new(784, 256)
+    assert layer.built and layer.in_features == 784 and layer.out_features == 256
+    assert layer.is_structured and layer.bias is not None
+    unstructured = SparseLinear.unstructured(20, 3)
+    assert not unstructured.is_structured and unstructured.threshold.shape == (20, 3)
+    no_bias = SparseLinear.with_bias(20, 3, False)
+    assert no_bias.bias is None and len(no_bias.trainable_weights) == 2
+    assert SparseLinear.with_bias(20, 3, True).bias is not None
+
+
+def test_default_temperature_is_relative_to_the_kernel_spread():
+    layer = SparseLinear.new(784, 300)
+    std = float(np.std(to_numpy(layer.kernel)))
+    assert math.isclose(layer.temperature, DEFAULT_RELATIVE_TEMPERATURE / std, rel_tol=1e-4)
+    small = SparseLinear.new(64, 10)
+    assert small.temperature < layer.temperature  # wider weights, softer absolute slope
+
+
+def test_temperature_property_sets_the_variable():
+    layer = SparseLinear(3, temperature=2.0)
+    assert layer.temperature == 2.0
+    layer.build((None, 5))
+    layer.temperature = 7.5
+    assert layer.temperature == 7.5
+    assert not layer._temperature.trainable
+
+
+# --------------------------------------------------------------- pruning API
+
+
+def test_density_counts_weights_at_or_above_the_threshold():
+    layer = SparseLinear.new(2, 3, temperature=1.0)
+    layer.kernel.assign(np.array([[0.1, -0.5, 0.3], [-0.2, 0.05, 0.6]], "float32"))
+    layer.reset_threshold(np.array([0.2, 0.5, 0.4], "float32"))
+    # active: |0.1|<0.2 no, |-0.2|>=0.2 yes, |-0.5|>=0.5 yes, 0.05 no, 0.3 no, 0.6 yes
+    assert layer.num_active() == 3
+    assert layer.density() == pytest.approx(0.5)
+    assert layer.sparsity() == pytest.approx(0.5)
+    expected = np.array([[0.0, -0.5, 0.0], [-0.2, 0.0, 0.6]], "float32")
+    np.testing.assert_array_equal(to_numpy(layer.effective_weight()), expected)
+    # effective_weight() does not change the layer
+    assert to_numpy(layer.kernel)[0, 0] == pytest.approx(0.1)
+
+
+def test_hard_prune_zeroes_pruned_weights_and_resets_the_threshold():
+    layer = SparseLinear.unstructured(2, 2, temperature=1.0)
+    layer.kernel.assign(np.array([[0.1, -0.5], [-0.2, 0.7]], "float32"))
+    layer.reset_threshold(np.array([[0.3, 0.1], [0.1, 0.8]], "float32"))
+    layer.hard_prune()
+    np.testing.assert_array_equal(
+        to_numpy(layer.kernel), np.array([[0.0, -0.5], [-0.2, 0.0]], "float32")
+    )
+    np.testing.assert_array_equal(to_numpy(layer.threshold), np.zeros((2, 2)))
+    assert layer.num_active() == 2  # still counted as pruned with a zero threshold
+    assert layer.density() == pytest.approx(0.5)
+
+
+def test_pruned_weights_stay_pruned_when_the_threshold_drops():
+    layer = SparseLinear.new(3, 2, temperature=4.0)
+    layer.kernel.assign(np.array([[0.1, 0.9], [0.8, 0.05], [0.3, 0.4]], "float32"))
+    layer.reset_threshold(0.35)
+    layer.hard_prune()
+    x = np.eye(3, dtype="float32")
+    # Even the soft training mask is exactly zero on pruned weights.
+    out = to_numpy(layer(x, training=True))
+    assert out[0, 0] == 0 and out[1, 1] == 0 and out[2, 0] == 0
+
+
+def test_reset_threshold_accepts_scalars_and_arrays():
+    layer = SparseLinear.new(4, 3)
+    layer.reset_threshold(0.25)
+    np.testing.assert_array_equal(to_numpy(layer.threshold), np.full(3, 0.25, "float32"))
+    layer.reset_threshold([0.0, 0.1, 0.2])
+    np.testing.assert_allclose(to_numpy(layer.threshold), [0.0, 0.1, 0.2])
+
+
+def test_trainable_false_freezes_every_weight():
+    layer = SparseLinear.new(4, 3)
+    layer.trainable = False
+    assert layer.trainable_weights == []
+    assert len(layer.non_trainable_weights) == 5
