@@ -219,6 +219,17 @@ class SparseLinear(keras.layers.Layer):
             dtype="float32",
             autocast=False,
         )
+        # Strength of the sparsity penalty `penalty * mean(soft mask)` that this
+        # layer adds to the loss in training. Zero (no force) unless a driver
+        # such as `keras_sparse.SparsityScheduler` sets it between steps.
+        self.sparsity_penalty = self.add_weight(
+            name="sparsity_penalty",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+        )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: in_features})
         self.built = True
 
@@ -251,7 +262,10 @@ class SparseLinear(keras.layers.Layer):
         return self._hard_mask()
 
     def call(self, inputs, training=None):
-        kernel = self.kernel * self._mask(bool(training))
+        mask = self._mask(bool(training))
+        if training:
+            self.add_loss(self.sparsity_penalty * ops.mean(mask))
+        kernel = self.kernel * mask
         outputs = ops.matmul(inputs, ops.cast(kernel, self.compute_dtype))
         if self.bias is not None:
             outputs = ops.add(outputs, ops.cast(self.bias, self.compute_dtype))
