@@ -1,7 +1,26 @@
 """keras-sparse: learnable, differentiable pruning for Keras 3 on every backend."""
 
+from keras_sparse.callbacks import SparsityScheduler, sparse_layers
+from keras_sparse.distribution import get_layout_map, validate_layout_map
 from keras_sparse.layer import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
+from keras_sparse.schedules import (
+    ConstantSparsity,
+    ExponentialTemperature,
+    PolynomialDecay,
+    SparsitySchedule,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_RELATIVE_TEMPERATURE", "SparseLinear"]
+__all__ = [
+    "DEFAULT_RELATIVE_TEMPERATURE",
+    "ConstantSparsity",
+    "ExponentialTemperature",
+    "PolynomialDecay",
+    "SparseLinear",
+    "SparsitySchedule",
+    "SparsityScheduler",
+    "sparse_layers",
+    "get_layout_map",
+    "validate_layout_map",
+]

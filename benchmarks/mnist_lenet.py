@@ -1,0 +1,189 @@
+"""LeNet-300-100 on MNIST-10k: SparseLinear against dense and one-shot magnitude pruning.
+
+Every method trains with the same epochs, batch size and optimiser (Adam 1e-3,
+batch 128, 40 epochs); accuracy is the final one (not the best epoch), measured
+on the stripped model (plain Dense layers holding the pruned weights).
+
+    python benchmarks/mnist_lenet.py --backend jax
+    python benchmarks/mnist_lenet.py --backend all      # one process per backend
+
+The TensorFlow Model Optimization Toolkit peer runs in its own environment
+(`tox -e tfmot`, benchmarks/mnist_tfmot.py); `benchmarks/plot_mnist.py` merges the
+JSON files into a Markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="jax", choices=(*BACKENDS, "all"))
+    parser.add_argument("--data", default=None, help="folder with the MNIST IDX files")
+    parser.add_argument("--methods", default="dense,sparse_linear,one_shot")
+    parser.add_argument("--targets", default="0.9,0.95,0.98")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--out", default=None, help="JSON output (default results/mnist_<backend>.json)")
+    return parser.parse_args(argv)
+
+
+def lenet(layer_factory):
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            layer_factory(300, activation="relu", name="fc1"),
+            layer_factory(100, activation="relu", name="fc2"),
+            layer_factory(10, name="out"),
+        ]
+    )
+
+
+def compile_model(model):
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def run_one(method, target, seed, args, data):
+    import keras
+    import numpy as np
+
+    import keras_sparse as ks
+
+    (x_train, y_train), (x_test, y_test) = data
+    keras.utils.set_random_seed(seed)
+    steps_per_epoch = int(np.ceil(len(x_train) / args.batch_size))
+    total_steps = args.epochs * steps_per_epoch
+    fit = dict(batch_size=args.batch_size, verbose=0)
+    start = time.perf_counter()
+    if method == "dense":
+        model = lenet(keras.layers.Dense)
+        compile_model(model)
+        model.fit(x_train, y_train, epochs=args.epochs, **fit)
+        final = model
+    elif method == "sparse_linear":
+        model = lenet(ks.SparseLinear)
+        compile_model(model)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * total_steps))
+        model.fit(
+            x_train, y_train, epochs=args.epochs, callbacks=[ks.SparsityScheduler(schedule)], **fit
+        )
+        evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
+        final = ks.strip(model)
+        compile_model(final)
+    elif method == "one_shot":
+        # Train dense for 3/4 of the epochs, prune each layer to the target by
+        # magnitude at once, fine-tune the survivors for the last 1/4.
+        model = lenet(ks.SparseLinear)
+        compile_model(model)
+        dense_epochs = int(0.75 * args.epochs)
+        model.fit(x_train, y_train, epochs=dense_epochs, **fit)
+        for layer in ks.sparse_layers(model):
+            kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
+            layer.reset_threshold(float(np.quantile(kernel, target)))
+            layer.hard_prune()
+        model.fit(x_train, y_train, epochs=args.epochs - dense_epochs, **fit)
+        evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
+        final = ks.strip(model)
+        compile_model(final)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    wall = time.perf_counter() - start
+    accuracy = float(final.evaluate(x_test, y_test, verbose=0)[1])
+    kernels = [
+        keras.ops.convert_to_numpy(layer.kernel)
+        for layer in final.layers
+        if isinstance(layer, keras.layers.Dense)
+    ]
+    total = sum(k.size for k in kernels)
+    nonzero = sum(int(np.count_nonzero(k)) for k in kernels)
+    row = {
+        "method": method,
+        "backend": keras.backend.backend(),
+        "target": target,
+        "seed": seed,
+        "accuracy": accuracy,
+        "sparsity": 1.0 - nonzero / total,
+        "layer_density": [round(np.count_nonzero(k) / k.size, 4) for k in kernels],
+        "wall_s": wall,
+    }
+    if method != "dense":
+        row["evaluated_accuracy"] = float(evaluated)
+    return row
+
+
+def median_rows(rows):
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["backend"], row["target"]), []).append(row)
+    summary = []
+    for (method, backend, target), group in groups.items():
+        entry = {
+            "method": method,
+            "backend": backend,
+            "target": target,
+            "seeds": [r["seed"] for r in group],
+        }
+        for key in ("accuracy", "sparsity", "wall_s", "evaluated_accuracy"):
+            if key in group[0]:
+                entry[key] = statistics.median(r[key] for r in group)
+        entry["layer_density"] = group[0]["layer_density"]
+        summary.append(entry)
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.backend == "all":
+        for backend in BACKENDS:
+            cmd = [sys.executable, __file__, *(argv or sys.argv[1:])]
+            cmd[cmd.index("all")] = backend
+            subprocess.run(cmd, check=True)
+        return
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras_sparse.datasets import load_mnist
+
+    data = load_mnist(args.data)
+    targets = [float(t) for t in args.targets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for method in args.methods.split(","):
+        for target in [0.0] if method == "dense" else targets:
+            for seed in seeds:
+                row = run_one(method, target, seed, args, data)
+                rows.append(row)
+                print(
+                    f"[{args.backend}] {method:14s} target={target:.2f} seed={seed} "
+                    f"acc={row['accuracy']:.4f} sparsity={row['sparsity']:.4f} "
+                    f"wall={row['wall_s']:.1f}s",
+                    flush=True,
+                )
+    out = Path(args.out) if args.out else RESULTS / f"mnist_{args.backend}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "backend")}
+    out.write_text(json.dumps({"config": config, "runs": rows, "median": median_rows(rows)}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
