@@ -36,7 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out", default=None, help="JSON output (default results/mnist_<backend>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON output (default results/mnist_<backend>.json)"
+    )
     return parser.parse_args(argv)
 
 
@@ -181,7 +183,9 @@ def main(argv=None):
     out = Path(args.out) if args.out else RESULTS / f"mnist_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "backend")}
-    out.write_text(json.dumps({"config": config, "runs": rows, "median": median_rows(rows)}, indent=1))
+    out.write_text(
+        json.dumps({"config": config, "runs": rows, "median": median_rows(rows)}, indent=1)
+    )
     print(f"wrote {out}")
 
 

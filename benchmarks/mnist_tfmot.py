@@ -54,8 +54,11 @@ def run_one(target, seed, args, data):
         ]
     )
     schedule = tfmot.sparsity.keras.PolynomialDecay(
-        initial_sparsity=0.0, final_sparsity=target, begin_step=0,
-        end_step=int(0.75 * steps), frequency=50,
+        initial_sparsity=0.0,
+        final_sparsity=target,
+        begin_step=0,
+        end_step=int(0.75 * steps),
+        frequency=50,
     )
     pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
     pruned.compile(
@@ -65,7 +68,11 @@ def run_one(target, seed, args, data):
     )
     start = time.perf_counter()
     pruned.fit(
-        x_train, y_train, batch_size=args.batch_size, epochs=args.epochs, verbose=0,
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=0,
         callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
     )
     wall = time.perf_counter() - start

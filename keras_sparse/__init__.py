@@ -9,6 +9,7 @@ from keras_sparse.schedules import (
     PolynomialDecay,
     SparsitySchedule,
 )
+from keras_sparse.transforms import sparsify, sparsity_report, strip
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,7 @@ __all__ = [
     "sparse_layers",
     "get_layout_map",
     "validate_layout_map",
+    "sparsify",
+    "sparsity_report",
+    "strip",
 ]

@@ -250,7 +250,6 @@ class SparsityScheduler(keras.callbacks.Callback):
             layer.temperature = relative_temperature / scale
         self._last_stats = {"sparsity": 1.0 - active.sum() / sizes.sum()}
 
-
     def _freeze(self, target):
         """Fix every mask at exactly the target sparsity, then `hard_prune()`.
 
@@ -271,7 +270,9 @@ class SparsityScheduler(keras.callbacks.Callback):
                 kernel = np.abs(ops.convert_to_numpy(layer.kernel))
                 threshold = ops.convert_to_numpy(layer.threshold)
                 keep = ops.convert_to_numpy(layer.prune_mask) > 0
-                margins.append(np.where(keep, (kernel - threshold) / self._weight_scale[i], -np.inf))
+                margins.append(
+                    np.where(keep, (kernel - threshold) / self._weight_scale[i], -np.inf)
+                )
                 floors.append(int(math.ceil(self.min_density * kernel.size)))
                 alive.append(keep)
             total = sum(m.size for m in margins)
@@ -283,12 +284,16 @@ class SparsityScheduler(keras.callbacks.Callback):
                 c.flat[order] = True
             rest = n_keep - sum(int(c.sum()) for c in chosen)
             if rest > 0:
-                pool = np.concatenate([np.where(c, -np.inf, m).ravel() for c, m in zip(chosen, margins)])
+                pool = np.concatenate(
+                    [np.where(c, -np.inf, m).ravel() for c, m in zip(chosen, margins)]
+                )
                 best = np.argsort(-pool, kind="stable")[:rest]
                 flat = np.concatenate([c.ravel() for c in chosen])
                 flat[best] = True
                 offsets = np.cumsum([0] + [c.size for c in chosen])
-                chosen = [flat[a:b].reshape(c.shape) for a, b, c in zip(offsets, offsets[1:], chosen)]
+                chosen = [
+                    flat[a:b].reshape(c.shape) for a, b, c in zip(offsets, offsets[1:], chosen)
+                ]
             for i, keep in zip(group, chosen):
                 _prune_exactly(self._layers[i], keep & alive[group.index(i)])
         for layer in self._layers:

@@ -292,7 +292,9 @@ class SparseLinear(keras.layers.Layer):
     def with_bias(cls, in_features, out_features, bias, **kwargs):
         """A built structured layer, with or without a bias (`bias`: bool)."""
         if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"Received an invalid value for `bias`, expected a bool. Received: bias={bias!r}")
+            raise TypeError(
+                f"Received an invalid value for `bias`, expected a bool. Received: bias={bias!r}"
+            )
         return cls._built(in_features, out_features, use_bias=bool(bias), **kwargs)
 
     @classmethod

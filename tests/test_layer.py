@@ -2,12 +2,11 @@
 
 import math
 
-import keras
 import numpy as np
 import pytest
+import reference
 from backend_utils import gradients, to_numpy
 
-import reference
 from keras_sparse import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
 
 
@@ -127,7 +126,9 @@ def test_straight_through_forward_is_hard_and_gradient_is_soft(rng):
 
 
 @pytest.mark.parametrize(
-    "structured, threshold_shape", [(True, (4,)), (False, (6, 4))], ids=["structured", "unstructured"]
+    "structured, threshold_shape",
+    [(True, (4,)), (False, (6, 4))],
+    ids=["structured", "unstructured"],
 )
 def test_weights_have_keras_layout_and_float32(structured, threshold_shape):
     layer = SparseLinear(4, structured=structured)

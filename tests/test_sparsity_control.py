@@ -79,7 +79,9 @@ def test_scheduler_refuses_a_model_without_sparse_layers():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile("sgd", "mse")
     with pytest.raises(ValueError, match="no SparseLinear layer"):
-        model.fit(np.ones((4, 4)), np.ones((4, 2)), callbacks=[ks.SparsityScheduler(0.5)], verbose=0)
+        model.fit(
+            np.ones((4, 4)), np.ones((4, 2)), callbacks=[ks.SparsityScheduler(0.5)], verbose=0
+        )
 
 
 # -------------------------------------------------------- driving a real fit
