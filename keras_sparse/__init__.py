@@ -2,6 +2,7 @@
 
 from keras_sparse.callbacks import SparsityScheduler, sparse_layers
 from keras_sparse.distribution import get_layout_map, validate_layout_map
+from keras_sparse.export import size_report
 from keras_sparse.layer import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
 from keras_sparse.schedules import (
     ConstantSparsity,
@@ -27,4 +28,5 @@ __all__ = [
     "sparsify",
     "sparsity_report",
     "strip",
+    "size_report",
 ]

@@ -63,13 +63,18 @@ class SparsityScheduler(keras.callbacks.Callback):
             `ConstantSparsity`) or a float (constant target from step 0).
         scope: `"global"` (default) or `"per_layer"`.
         temperature: A schedule of the relative temperature (a callable of
-            the step). Defaults to `ExponentialTemperature(5, 200)` over the
-            schedule's steps.
+            the step), for every layer. Defaults, over the schedule's steps,
+            to `ExponentialTemperature(5, 200)` for layers with a threshold
+            per neuron and `ExponentialTemperature(2, 5)` for layers with a
+            threshold per weight (a sharp mask stops a per-weight threshold
+            from learning: it gets gradient from its own weight only).
         min_density: Per-layer floor on the density. Defaults to `0.01`.
         freeze_at_end: Hard-prune every layer at `schedule.end_step`.
             Defaults to `True`.
-        gain: Feedback gain on `log(penalty)` per step and per unit of
-            log-density error. Defaults to `0.1`.
+        gain: Feedback gain: how many e-folds `log(penalty)` moves over the
+            whole ramp (`end_step - begin_step`, at least 200 steps) per unit
+            of log-density error, so the feedback keeps pace with short and
+            long schedules alike. Defaults to `200`.
         relax: Fraction of `gain` used to lower the penalty after an
             overshoot. Defaults to `0.1`.
         initial_penalty, min_penalty, max_penalty: Starting value and bounds
@@ -133,9 +138,15 @@ class SparsityScheduler(keras.callbacks.Callback):
                 "Received an invalid value for `update_every`, expected a positive integer. "
                 f"Received: update_every={update_every!r}"
             )
-        if temperature is None:
-            end = max(schedule.end_step, schedule.begin_step + 1)
-            temperature = ExponentialTemperature(5.0, 200.0, schedule.begin_step, end)
+        end = max(schedule.end_step, schedule.begin_step + 1)
+        # A per-neuron threshold always has some of its weights inside the
+        # mask's transition band, so it keeps learning as the mask sharpens.
+        # A per-weight threshold gets gradient only from its own weight, which
+        # a sharp mask cuts off (pitfall 4 of the notes): it stays softer.
+        self._default_temperatures = {
+            True: ExponentialTemperature(5.0, 200.0, schedule.begin_step, end),
+            False: ExponentialTemperature(2.0, 5.0, schedule.begin_step, end),
+        }
         self.schedule = schedule
         self.scope = scope
         self.temperature_schedule = temperature
@@ -190,7 +201,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         active = sum(layer.num_active() for layer in self._layers)
         logs["sparsity"] = 1.0 - active / total
         logs["target_sparsity"] = self.schedule(self.step)
-        logs["relative_temperature"] = float(self.temperature_schedule(self.step))
+        logs["relative_temperature"] = self._relative_temperature(self._layers[0], self.step)
         for layer, density in zip(self._layers, densities):
             logs[f"density/{layer.name}"] = density
             logs[f"threshold_mean/{layer.name}"] = float(
@@ -240,15 +251,22 @@ class SparsityScheduler(keras.callbacks.Callback):
                 math.log(self.min_penalty),
                 math.log(self.max_penalty),
             )
-            penalties = np.exp(self._log_penalty) * np.ones(len(self._layers)) * shares
+            # No force at all while at or past the target: the task loss may
+            # then lower thresholds again. With Adam, thresholds move at about
+            # the learning rate whatever the penalty's size, so a small
+            # leftover penalty would still prune (per-weight thresholds most).
+            penalties = np.exp(self._log_penalty) * shares * (errors > 0)
         else:
             penalties = np.zeros(len(self._layers))
         penalties[densities <= self.min_density] = 0.0  # the floor
-        relative_temperature = float(self.temperature_schedule(step))
         for layer, penalty, scale in zip(self._layers, penalties, self._weight_scale):
             layer.sparsity_penalty.assign(float(penalty))
-            layer.temperature = relative_temperature / scale
+            layer.temperature = self._relative_temperature(layer, step) / scale
         self._last_stats = {"sparsity": 1.0 - active.sum() / sizes.sum()}
+
+    def _relative_temperature(self, layer, step):
+        schedule = self.temperature_schedule or self._default_temperatures[layer.is_structured]
+        return float(schedule(step))
 
     def _freeze(self, target):
         """Fix every mask at exactly the target sparsity, then `hard_prune()`.

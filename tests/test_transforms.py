@@ -1,0 +1,356 @@
+"""`sparsify`, `strip` and `sparsity_report`: model-level conversions."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from backend_utils import to_numpy
+
+from keras_sparse import (
+    DEFAULT_RELATIVE_TEMPERATURE,
+    SparseLinear,
+    sparse_layers,
+    sparsify,
+    sparsity_report,
+    strip,
+)
+
+
+def _dense_model():
+    inputs = keras.Input((6,), name="features")
+    hidden = keras.layers.Dense(5, activation="relu", name="hidden")(inputs)
+    outputs = keras.layers.Dense(3, name="logits")(hidden)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(1)
+    for layer in model.layers[1:]:
+        layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.weights])
+    return model
+
+
+def _forward(x, kernels, biases):
+    h = np.maximum(x @ kernels[0] + biases[0], 0.0)
+    return h @ kernels[1] + biases[1]
+
+
+def _pruned_sparse_model():
+    """A sparsified model with thresholds at 0.5, plus the NumPy kernels it serves."""
+    model = sparsify(_dense_model())
+    served = []
+    for layer in sparse_layers(model):
+        kernel = to_numpy(layer.kernel)
+        layer.reset_threshold(0.5)
+        served.append(np.where(np.abs(kernel) >= 0.5, kernel, 0.0))
+    return model, served
+
+
+@pytest.fixture
+def x(rng):
+    return rng.normal(size=(4, 6)).astype("float32")
+
+
+# ----------------------------------------------------------------- sparsify
+
+
+def test_sparsify_replaces_every_dense_layer_by_name():
+    model = sparsify(_dense_model())
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "InputLayer",
+        "SparseLinear",
+        "SparseLinear",
+    ]
+    assert [layer.name for layer in model.layers[1:]] == ["hidden", "logits"]
+
+
+def test_sparsify_copies_kernel_and_bias():
+    dense = _dense_model()
+    model = sparsify(dense)
+    for old, new in zip(dense.layers[1:], model.layers[1:], strict=True):
+        np.testing.assert_array_equal(to_numpy(new.kernel), to_numpy(old.kernel))
+        np.testing.assert_array_equal(to_numpy(new.bias), to_numpy(old.bias))
+
+
+def test_sparsify_keeps_inference_outputs(x):
+    dense = _dense_model()
+    kernels = [to_numpy(layer.kernel) for layer in dense.layers[1:]]
+    biases = [to_numpy(layer.bias) for layer in dense.layers[1:]]
+    outputs = sparsify(dense).predict(x, verbose=0)
+    np.testing.assert_allclose(outputs, _forward(x, kernels, biases), rtol=1e-5, atol=1e-6)
+
+
+def test_sparsify_copies_the_layer_configuration():
+    inputs = keras.Input((4,))
+    layer = keras.layers.Dense(
+        2,
+        activation="tanh",
+        use_bias=False,
+        kernel_initializer="ones",
+        kernel_regularizer=keras.regularizers.L2(0.25),
+        kernel_constraint="non_neg",
+        name="frozen",
+    )
+    layer.trainable = False
+    (new,) = sparse_layers(sparsify(keras.Model(inputs, layer(inputs))))
+    assert new.activation is keras.activations.tanh
+    assert new.use_bias is False and new.bias is None
+    assert isinstance(new.kernel_initializer, keras.initializers.Ones)
+    assert new.kernel_regularizer.l2 == pytest.approx(0.25)
+    assert isinstance(new.kernel_constraint, keras.constraints.NonNeg)
+    assert new.trainable is False
+
+
+def test_sparsify_returns_a_sequential_for_a_sequential(x):
+    dense = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="only")])
+    model = sparsify(dense)
+    assert isinstance(model, keras.Sequential)
+    assert isinstance(model.layers[0], SparseLinear)
+    np.testing.assert_allclose(model.predict(x, verbose=0), dense.predict(x, verbose=0), atol=1e-6)
+
+
+def test_sparsify_reaches_dense_layers_of_nested_models():
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="inner_dense")])
+    inputs = keras.Input((6,))
+    model = sparsify(keras.Model(inputs, inner(inputs)))
+    assert [layer.name for layer in sparse_layers(model)] == ["inner_dense"]
+
+
+def test_sparsify_select_regex_searches_layer_names():
+    model = sparsify(_dense_model(), select="^log")
+    assert [type(layer).__name__ for layer in model.layers[1:]] == ["Dense", "SparseLinear"]
+
+
+def test_sparsify_select_callable_is_a_predicate():
+    model = sparsify(_dense_model(), select=lambda layer: layer.units == 5)
+    assert [layer.name for layer in sparse_layers(model)] == ["hidden"]
+
+
+def test_sparsify_leaves_unselected_layers_weights_intact():
+    dense = _dense_model()
+    model = sparsify(dense, select="logits")
+    np.testing.assert_array_equal(
+        to_numpy(model.get_layer("hidden").kernel), to_numpy(dense.get_layer("hidden").kernel)
+    )
+
+
+def test_sparsify_without_a_match_says_so():
+    with pytest.raises(ValueError, match=r"no Dense layer matched select='conv'"):
+        sparsify(_dense_model(), select="conv")
+
+
+def test_sparsify_refuses_what_is_not_a_keras_model():
+    with pytest.raises(TypeError, match="Keras model"):
+        sparsify("model.keras")
+
+
+def test_sparsify_refuses_a_subclassed_model():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+    with pytest.raises(ValueError, match="subclassed"):
+        sparsify(Net())
+
+
+def test_sparsify_passes_layer_kwargs_to_every_layer():
+    model = sparsify(_dense_model(), structured=False, straight_through=True)
+    for layer in sparse_layers(model):
+        assert tuple(layer.threshold.shape) == tuple(layer.kernel.shape)
+        assert layer.straight_through is True
+
+
+def test_sparsify_refuses_layer_kwargs_copied_from_dense():
+    with pytest.raises(ValueError, match="units"):
+        sparsify(_dense_model(), units=7)
+
+
+def test_sparsify_sets_the_default_temperature_from_the_copied_kernel():
+    dense = _dense_model()
+    model = sparsify(dense)
+    for old, new in zip(dense.layers[1:], sparse_layers(model), strict=True):
+        expected = DEFAULT_RELATIVE_TEMPERATURE / np.std(to_numpy(old.kernel))
+        assert new.temperature == pytest.approx(expected, rel=1e-5)
+
+
+def test_sparsify_does_not_touch_the_original():
+    dense = _dense_model()
+    kernel = to_numpy(dense.get_layer("hidden").kernel)
+    model = sparsify(dense)
+    sparse_layers(model)[0].reset_threshold(10.0)
+    assert [type(layer).__name__ for layer in dense.layers[1:]] == ["Dense", "Dense"]
+    np.testing.assert_array_equal(to_numpy(dense.get_layer("hidden").kernel), kernel)
+
+
+# -------------------------------------------------------------------- strip
+
+
+def test_strip_turns_every_sparse_layer_into_dense():
+    model, _ = _pruned_sparse_model()
+    stripped = strip(model)
+    assert [type(layer) for layer in stripped.layers[1:]] == [keras.layers.Dense] * 2
+    assert [layer.name for layer in stripped.layers[1:]] == ["hidden", "logits"]
+
+
+def test_strip_kernel_is_the_pruned_kernel(x):
+    model, served = _pruned_sparse_model()
+    stripped = strip(model)
+    for layer, kernel in zip(stripped.layers[1:], served, strict=True):
+        np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+
+
+def test_strip_writes_pruned_weights_as_positive_zeros():
+    model, _ = _pruned_sparse_model()
+    for layer in strip(model).layers[1:]:
+        kernel = to_numpy(layer.kernel)
+        assert (kernel == 0).any()
+        assert not np.signbit(kernel[kernel == 0]).any()
+
+
+def test_strip_serves_the_same_outputs(x):
+    model, served = _pruned_sparse_model()
+    biases = [to_numpy(layer.bias) for layer in sparse_layers(model)]
+    expected = _forward(x, served, biases)
+    np.testing.assert_allclose(strip(model).predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_strip_keeps_activation_and_regularizers():
+    inputs = keras.Input((4,))
+    layer = SparseLinear(
+        2, activation="sigmoid", kernel_regularizer="l1", bias_constraint="non_neg"
+    )
+    stripped = strip(keras.Model(inputs, layer(inputs)))
+    dense = stripped.layers[1]
+    assert dense.activation is keras.activations.sigmoid
+    assert isinstance(dense.kernel_regularizer, keras.regularizers.L1)
+    assert isinstance(dense.bias_constraint, keras.constraints.NonNeg)
+
+
+def test_strip_does_not_touch_the_original():
+    model, _ = _pruned_sparse_model()
+    kernel = to_numpy(sparse_layers(model)[0].kernel)
+    strip(model)
+    layer = sparse_layers(model)[0]
+    assert isinstance(layer, SparseLinear)
+    np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+    np.testing.assert_array_equal(to_numpy(layer.threshold), np.full(5, 0.5, "float32"))
+
+
+def test_strip_without_a_sparse_layer_says_so():
+    with pytest.raises(ValueError, match="no SparseLinear layer"):
+        strip(_dense_model())
+
+
+def test_stripped_model_loads_where_keras_sparse_is_not_importable(tmp_path, x):
+    model, _ = _pruned_sparse_model()
+    stripped = strip(model)
+    stripped.save(tmp_path / "stripped.keras")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "expected.npy", stripped.predict(x, verbose=0))
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["keras_sparse"] = None  # as if not installed (CI installs it)
+        try:
+            import keras_sparse
+        except ImportError:
+            pass
+        else:
+            sys.exit("keras_sparse is importable")
+        import keras, numpy as np
+        model = keras.saving.load_model("stripped.keras")
+        y = model.predict(np.load("x.npy"), verbose=0)
+        np.testing.assert_allclose(y, np.load("expected.npy"), rtol=1e-6, atol=1e-6)
+        print("loaded", type(model.layers[1]).__name__)
+        """
+    )
+    env = {
+        key: os.environ[key]
+        for key in ("PATH", "HOME", "KERAS_BACKEND", "LD_LIBRARY_PATH", "OPENBLAS_CORETYPE")
+        if key in os.environ
+    }
+    env["KERAS_BACKEND"] = keras.backend.backend()
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded Dense" in result.stdout
+
+
+def test_sparse_model_needs_keras_sparse_to_load(tmp_path):
+    # The contrast that makes the test above meaningful: unstripped, the
+    # file names keras_sparse's layer.
+    model, _ = _pruned_sparse_model()
+    model.save(tmp_path / "sparse.keras")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "sparse.keras") as archive:
+        assert b"keras_sparse" in archive.read("config.json")
+    stripped = tmp_path / "stripped.keras"
+    strip(model).save(stripped)
+    with zipfile.ZipFile(stripped) as archive:
+        assert b"keras_sparse" not in archive.read("config.json")
+
+
+# ---------------------------------------------------------- sparsity_report
+
+
+def test_sparsity_report_rows_count_active_weights():
+    model, served = _pruned_sparse_model()
+    report = sparsity_report(model)
+    assert [(r.name, r.shape, r.total) for r in report.rows] == [
+        ("hidden", (6, 5), 30),
+        ("logits", (5, 3), 15),
+    ]
+    assert [r.active for r in report.rows] == [int(np.count_nonzero(k)) for k in served]
+    assert [r.density for r in report.rows] == [np.count_nonzero(k) / k.size for k in served]
+
+
+def test_sparsity_report_total_row_sums_the_layers():
+    model, served = _pruned_sparse_model()
+    total = sparsity_report(model).total
+    active = sum(int(np.count_nonzero(k)) for k in served)
+    assert (total.name, total.active, total.total) == ("total", active, 45)
+    assert total.density == pytest.approx(active / 45)
+
+
+def test_sparsity_report_prints_an_aligned_table():
+    model, served = _pruned_sparse_model()
+    lines = str(sparsity_report(model)).splitlines()
+    assert lines[0].split() == ["layer", "kernel", "shape", "active", "total", "density"]
+    assert lines[2].split() == [
+        "hidden",
+        "6",
+        "x",
+        "5",
+        str(np.count_nonzero(served[0])),
+        "30",
+        f"{np.count_nonzero(served[0]) / 30:.2%}",
+    ]
+    assert lines[-1].split()[0] == "total"
+    # Right-aligned numbers end in the same column on every row.
+    assert len({len(line) for line in lines if "%" in line} | {len(lines[0])}) == 1
+
+
+def test_sparsity_report_markdown_has_a_row_per_layer_and_total():
+    model, _ = _pruned_sparse_model()
+    lines = sparsity_report(model).to_markdown().splitlines()
+    assert lines[0] == "| layer | kernel shape | active | total | density |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["hidden", "logits", "**total**"]
+
+
+def test_sparsity_report_needs_a_sparse_layer():
+    with pytest.raises(ValueError, match="no SparseLinear layer"):
+        sparsity_report(_dense_model())
