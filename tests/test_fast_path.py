@@ -1,0 +1,291 @@
+"""The inference fast paths of SparseLinear against the reference formulas.
+
+* Before pruning, inference computes `kernel * hard_mask` in one `where`.
+* After `hard_prune()` of a layer never trained in this process, inference is
+  a plain matmul with the kernel (its pruned entries are zero), with the
+  gradient of `kernel * prune_mask`.
+* Whatever may move the weights afterwards (training, `reset_threshold()`)
+  brings the mask back, so inference stays `x @ effective_weight() + bias`.
+"""
+
+import keras
+import numpy as np
+import pytest
+import reference
+from backend_utils import to_numpy
+from keras import ops
+
+from keras_sparse import SparseLinear
+
+BACKEND = keras.backend.backend()
+
+
+def make_layer(rng, in_features=6, units=4, structured=True, use_bias=True, **kwargs):
+    layer = SparseLinear(units, structured=structured, use_bias=use_bias, temperature=5.0, **kwargs)
+    layer.build((None, in_features))
+    layer.kernel.assign(rng.normal(size=(in_features, units)).astype("float32"))
+    if use_bias:
+        layer.bias.assign(rng.normal(size=(units,)).astype("float32"))
+    threshold_shape = (units,) if structured else (in_features, units)
+    layer.threshold.assign(rng.uniform(0.2, 0.9, size=threshold_shape).astype("float32"))
+    return layer
+
+
+def expected_output(layer, x):
+    """`x @ effective_weight() + bias`, the contract of inference."""
+    out = x @ to_numpy(layer.effective_weight())
+    return out if layer.bias is None else out + to_numpy(layer.bias)
+
+
+def numpy_hard_mask(layer):
+    keep = np.abs(to_numpy(layer.kernel)) >= to_numpy(layer.threshold)
+    return (keep & (to_numpy(layer.prune_mask) > 0)).astype("float32")
+
+
+def gradients(layer, x, upstream, training):
+    """As `backend_utils.gradients`, with a zero where a weight gets no gradient."""
+    variables = layer.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = ops.sum(layer(x, training=training) * upstream)
+        grads = tape.gradient(
+            loss, [v.value for v in variables], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+    elif BACKEND == "jax":
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss_fn(trainable):
+            y, _ = layer.stateless_call(trainable, non_trainable, x, training=training)
+            return ops.sum(y * upstream)
+
+        grads = jax.grad(loss_fn)([v.value for v in variables])
+    else:
+        import torch
+
+        for v in variables:
+            v.value.grad = None
+        loss = ops.sum(layer(x, training=training) * ops.convert_to_tensor(upstream))
+        loss.backward()
+        grads = [
+            v.value.grad if v.value.grad is not None else torch.zeros_like(v.value)
+            for v in variables
+        ]
+    return [to_numpy(g) for g in grads]
+
+
+def pruned_layer(rng, **kwargs):
+    """A fresh layer, half pruned by `hard_prune()`: the plain inference path is on."""
+    layer = make_layer(rng, **kwargs)
+    magnitude = np.abs(to_numpy(layer.kernel))
+    axis = 0 if layer.is_structured else None
+    layer.reset_threshold(np.median(magnitude, axis=axis))
+    layer.hard_prune()
+    assert 0 < layer.density() < 1
+    assert layer._plain_inference
+    return layer
+
+
+# ----------------------------------------------------- before hard_prune()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_hard_mask_inference_values_and_gradients(rng, structured):
+    layer = make_layer(rng, structured=structured)
+    layer.prune_mask.assign((rng.uniform(size=(6, 4)) > 0.3).astype("float32"))
+    x = rng.normal(size=(5, 6)).astype("float32")
+    upstream = rng.normal(size=(5, 4)).astype("float32")
+    kernel, bias, threshold = (to_numpy(w) for w in (layer.kernel, layer.bias, layer.threshold))
+    mask = numpy_hard_mask(layer)
+    want = reference.forward(x, kernel * to_numpy(layer.prune_mask), bias, threshold, 5.0, True)
+    np.testing.assert_allclose(to_numpy(layer(x, training=False)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
+    d_kernel, d_bias, d_threshold = gradients(layer, x, upstream, training=False)
+    np.testing.assert_allclose(d_kernel, (x.T @ upstream) * mask, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_bias, upstream.sum(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(d_threshold, np.zeros_like(threshold))
+
+
+def test_a_fresh_layer_does_not_take_the_plain_path(rng):
+    layer = make_layer(rng)
+    assert not layer._plain_inference
+    x = rng.normal(size=(3, 6)).astype("float32")
+    np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------ after hard_prune()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_pruned_inference_is_x_times_effective_weight_plus_bias(rng, structured, use_bias):
+    layer = pruned_layer(rng, structured=structured, use_bias=use_bias)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=False)), expected_output(layer, x), rtol=1e-6, atol=1e-6
+    )
+    x3 = rng.normal(size=(2, 3, 6)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(layer(x3)), expected_output(layer, x3), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_pruned_inference_applies_the_activation(rng):
+    layer = pruned_layer(rng, activation="relu")
+    x = rng.normal(size=(5, 6)).astype("float32")
+    want = np.maximum(expected_output(layer, x), 0)
+    np.testing.assert_allclose(to_numpy(layer(x)), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_pruned_inference_gradient_stops_at_pruned_weights(rng, structured):
+    layer = pruned_layer(rng, structured=structured)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    upstream = rng.normal(size=(5, 4)).astype("float32")
+    d_kernel, d_bias, d_threshold = gradients(layer, x, upstream, training=False)
+    prune_mask = to_numpy(layer.prune_mask)
+    np.testing.assert_allclose(d_kernel, (x.T @ upstream) * prune_mask, rtol=1e-5, atol=1e-5)
+    assert np.all(d_kernel[prune_mask == 0] == 0)
+    np.testing.assert_allclose(d_bias, upstream.sum(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(d_threshold, np.zeros_like(to_numpy(layer.threshold)))
+
+
+def test_the_plain_path_computes_no_mask(rng):
+    # White-box: a threshold written behind the layer's back (not through
+    # `reset_threshold()`) is not seen by the plain path, which is how we know
+    # it computes no mask. Never do this outside a test.
+    layer = pruned_layer(rng)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    before = to_numpy(layer(x))
+    layer.threshold.assign(np.full((4,), 100.0, "float32"))
+    np.testing.assert_array_equal(to_numpy(layer(x)), before)
+
+
+@pytest.mark.parametrize("kind", ["predict", "model_call"])
+def test_pruned_model_predicts_the_reference(rng, kind):
+    layer = pruned_layer(rng)
+    model = keras.Sequential([keras.Input(shape=(6,)), layer])
+    x = rng.normal(size=(8, 6)).astype("float32")
+    out = model.predict(x, verbose=0) if kind == "predict" else to_numpy(model(x))
+    np.testing.assert_allclose(out, expected_output(layer, x), rtol=1e-6, atol=1e-6)
+
+
+def test_soft_inference_mask_never_takes_the_plain_path(rng):
+    layer = make_layer(rng, inference_mask="soft")
+    layer.hard_prune()
+    x = rng.normal(size=(5, 6)).astype("float32")
+    kernel, bias, threshold = (to_numpy(w) for w in (layer.kernel, layer.bias, layer.threshold))
+    want = reference.forward(x, kernel, bias, threshold, 5.0)  # zero threshold: not plain
+    np.testing.assert_allclose(to_numpy(layer(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_prune_is_idempotent(rng):
+    layer = pruned_layer(rng)
+    weights = [to_numpy(w).copy() for w in layer.weights]
+    layer.hard_prune()
+    for old, new in zip(weights, layer.weights):
+        np.testing.assert_array_equal(old, to_numpy(new))
+    assert layer._plain_inference
+
+
+# ------------------------------------------------ what ends the plain path
+
+
+def test_reset_threshold_ends_the_plain_path(rng):
+    layer = pruned_layer(rng)
+    layer.reset_threshold(0.5)
+    assert not layer._plain_inference
+    x = rng.normal(size=(5, 6)).astype("float32")
+    np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
+    assert 0 < layer.density() < 1
+
+
+def test_a_training_call_ends_the_plain_path(rng):
+    layer = pruned_layer(rng)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    layer(x, training=True)
+    assert not layer._plain_inference
+    layer.hard_prune()  # trained in this process: the mask stays
+    assert not layer._plain_inference
+    layer.threshold.assign(np.full((4,), 0.3, "float32"))
+    np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
+
+
+def test_momentum_after_hard_prune_cannot_reach_inference(rng):
+    # A compiled train step traced before `hard_prune()` keeps running after
+    # it, and Adam's momentum moves the zeroed kernel entries; inference must
+    # still be `x @ effective_weight() + bias`.
+    layer = SparseLinear(3, structured=False, temperature=5.0)
+    model = keras.Sequential([keras.Input(shape=(6,)), layer])
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 3)).astype("float32")
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    layer.reset_threshold(float(np.median(np.abs(to_numpy(layer.kernel)))))
+    layer.hard_prune()
+    assert not layer._plain_inference
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), expected_output(layer, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_training_after_a_plain_inference_warns(rng):
+    layer = pruned_layer(rng)
+    model = keras.Sequential([keras.Input(shape=(6,)), layer])
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.normal(size=(16, 4)).astype("float32")
+    model.predict(x, verbose=0)  # may now hold the plain path
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.warns(UserWarning, match="hard_prune"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert not layer._plain_inference
+    layer.hard_prune()  # the weights equal effective_weight() again
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), expected_output(layer, x), rtol=1e-5, atol=1e-5
+    )
+
+
+# ----------------------------------------------------------- precision, jit
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_pruned_inference_under_mixed_precision(rng, policy):
+    keras.config.set_dtype_policy(policy)
+    layer = pruned_layer(rng)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    out = layer(x)
+    assert keras.backend.standardize_dtype(out.dtype) == layer.compute_dtype
+    assert all(w.dtype == "float32" for w in layer.weights)
+    np.testing.assert_allclose(
+        to_numpy(ops.cast(out, "float32")), expected_output(layer, x), rtol=5e-2, atol=5e-2
+    )
+    trained = to_numpy(ops.cast(layer(x, training=True), "float32"))
+    assert np.all(np.isfinite(trained))
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.transfer_guard is JAX's")
+@pytest.mark.parametrize("state", ["fresh", "pruned"])
+def test_compiled_calls_move_nothing_between_host_and_device(rng, state):
+    import jax
+
+    layer = make_layer(rng) if state == "fresh" else pruned_layer(rng)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    x = jax.device_put(rng.normal(size=(5, 6)).astype("float32"))
+
+    def loss(trainable, training):
+        out, _, losses = layer.stateless_call(
+            trainable, non_trainable, x, training=training, return_losses=True
+        )
+        return ops.sum(out) + sum(losses)
+
+    infer = jax.jit(lambda t: loss(t, False))
+    train = jax.jit(jax.grad(lambda t: loss(t, True)))
+    for fn in (infer, train):  # inference first: training ends the plain path
+        fn(trainable)  # trace and compile outside the guard
+        with jax.transfer_guard("disallow"):
+            jax.block_until_ready(fn(trainable))
