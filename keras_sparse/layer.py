@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -31,6 +32,48 @@ def _check_temperature(value):
             f"finite number. Received: temperature={value!r}"
         )
     return as_float
+
+
+@ops.custom_gradient
+def _unmasked(kernel, prune_mask):
+    """`kernel` as it is, with the gradient of `kernel * prune_mask`.
+
+    The inference path of a hard-pruned layer: the value needs no mask (the
+    pruned entries are zero), and the gradient still stops at pruned weights,
+    so fine-tuning through `training=False` cannot bring them back.
+    """
+
+    def grad(*args, upstream=None):
+        if upstream is None:  # JAX and TensorFlow pass it positionally
+            (upstream,) = args
+        return upstream * prune_mask, None
+
+    return kernel, grad
+
+
+def _initializer_std(initializer, shape):
+    """The standard deviation a kernel initializer draws with, without drawing."""
+    if isinstance(initializer, initializers.VarianceScaling):
+        fan_in, fan_out = shape[0], shape[1]
+        fan = {"fan_in": fan_in, "fan_out": fan_out}.get(initializer.mode, (fan_in + fan_out) / 2)
+        return math.sqrt(initializer.scale / max(1.0, fan))
+    # Any other initializer: draw a sample with NumPy-backed values.
+    sample = initializer(shape=tuple(shape), dtype="float32")
+    return float(np.std(ops.convert_to_numpy(sample)))
+
+
+def _recording_gradients():
+    """Whether the backend may differentiate the current call.
+
+    Only PyTorch says no (`torch.no_grad()`, as in `model.predict`); there
+    the plain inference path skips `_unmasked`, whose Python cost is 5-10%
+    of an eager batch-1 call (measured with benchmarks/speed.py).
+    """
+    if keras.backend.backend() != "torch":
+        return True
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 @keras.saving.register_keras_serializable(package="keras_sparse")
@@ -235,12 +278,50 @@ class SparseLinear(keras.layers.Layer):
 
     def _scale_free_temperature(self, relative_temperature):
         """`relative_temperature / std(kernel)`: one sharpness for every scale."""
-        std = float(ops.convert_to_numpy(ops.std(self.kernel)))
+        try:
+            std = float(ops.convert_to_numpy(ops.std(self.kernel)))
+        except Exception:
+            # Built inside a traced function (e.g. `fit` on a model without
+            # `keras.Input`): the kernel has no value yet. Use the spread its
+            # initializer promises instead.
+            std = _initializer_std(self.kernel_initializer, self.kernel.shape)
         if not math.isfinite(std) or std <= 0:
             return float(relative_temperature)
         return float(relative_temperature) / std
 
     # ---------------------------------------------------------------- forward
+    #
+    # The mask costs O(in * out) per call against O(batch * in * out) for the
+    # matmul (`benchmarks/speed.py` measures both against `Dense`). Every
+    # branch below is taken on Python state (`training`, `inference_mask`,
+    # `_plain_inference`), never on a weight's value: a call makes no
+    # host-device round trip and a compiled step holds one path only.
+    #
+    # * Training: `kernel * soft_mask`, differentiated by the backend. A
+    #   hand-written `ops.custom_gradient` that recomputes the sigmoid in the
+    #   backward pass was measured slower on every backend (XLA already fuses
+    #   and shares the intermediates; PyTorch's autograd keeps fewer
+    #   temporaries alive than the custom backward needs), so it is not used.
+    # * Inference: `kernel * hard_mask`, no sigmoid. (`ops.where` would be one
+    #   op fewer, but PyTorch's CPU `where` is 6x slower than a multiply when
+    #   the condition is random, as a mask's is.)
+    # * Inference after `hard_prune()`: the kernel as it is, when that is
+    #   known to be exact (see `hard_prune`).
+    #
+    # The plain path trusts that the kernel still equals `effective_weight()`.
+    # Training can break that without running any Python (a compiled train
+    # step, Adam's momentum on the zeroed weights, a learning threshold), so
+    # the plain path is only turned on for a layer never trained in this
+    # process, and turned off by its first training call.
+
+    # Inference may skip the mask: set by `hard_prune()`, cleared by training
+    # and `reset_threshold()`.
+    _plain_inference = False
+    # A call took the plain path since `hard_prune()`: compiled inference
+    # functions (a model's cached predict step) may hold it.
+    _plain_traced = False
+    # Called in training mode, eagerly or while a train step was traced.
+    _seen_training = False
 
     def _soft_mask(self):
         """The seed's mask, `sigmoid((|kernel| - threshold) * temperature)`."""
@@ -261,14 +342,47 @@ class SparseLinear(keras.layers.Layer):
             return soft
         return self._hard_mask()
 
+    def _hard_masked_kernel(self):
+        """`kernel * hard_mask`, values and gradient, with the least work the state allows."""
+        if not self._plain_inference:
+            return self.kernel * self._hard_mask()
+        self._plain_traced = True
+        if not _recording_gradients():
+            return self.kernel
+        kernel = ops.convert_to_tensor(self.kernel)
+        return _unmasked(kernel, ops.convert_to_tensor(self.prune_mask))
+
+    def _in_compute_dtype(self, weight):
+        # The weights are float32 under every policy; only mixed precision casts.
+        if self.compute_dtype == "float32":
+            return weight
+        return ops.cast(weight, self.compute_dtype)
+
+    def _start_training(self):
+        self._seen_training = True
+        if self._plain_inference and self._plain_traced:
+            warnings.warn(
+                f"SparseLinear '{self.name}' is trained after `hard_prune()`: inference "
+                "functions compiled since then (such as a model's cached predict or "
+                "evaluate step) use the kernel without its mask. Call `hard_prune()` "
+                "again after training so that they stay exact.",
+                stacklevel=3,
+            )
+        self._plain_inference = False
+
     def call(self, inputs, training=None):
-        mask = self._mask(bool(training))
         if training:
+            self._start_training()
+            mask = self._mask(True)
             self.add_loss(self.sparsity_penalty * ops.mean(mask))
-        kernel = self.kernel * mask
-        outputs = ops.matmul(inputs, ops.cast(kernel, self.compute_dtype))
+            kernel = self.kernel * mask
+        elif self.inference_mask == "soft":
+            kernel = self.kernel * self._soft_mask()
+        else:
+            kernel = self._hard_masked_kernel()
+        outputs = ops.matmul(inputs, self._in_compute_dtype(kernel))
         if self.bias is not None:
-            outputs = ops.add(outputs, ops.cast(self.bias, self.compute_dtype))
+            outputs = ops.add(outputs, self._in_compute_dtype(self.bias))
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -382,6 +496,16 @@ class SparseLinear(keras.layers.Layer):
         Irreversible: the pruned weights are recorded in `prune_mask`, so
         `density()` still counts them as pruned and further training cannot
         bring them back.
+
+        Afterwards the kernel equals `effective_weight()`, and inference is a
+        plain matmul with it (no mask computed), unless the layer was trained
+        in this process: a train step compiled before `hard_prune()` can keep
+        running without Python, while an optimizer's momentum moves the zeroed
+        weights (their gradient is zero, not their velocity) and the threshold
+        keeps learning, so inference keeps computing the hard mask, which
+        stays exact. Training the layer or `reset_threshold()` ends the plain
+        path. `hard_prune()` is idempotent: call it on a pruned model loaded
+        for serving to get the plain path.
         """
         self._require_built("hard_prune")
         keep = self._hard_mask_numpy()
@@ -389,6 +513,7 @@ class SparseLinear(keras.layers.Layer):
         self.kernel.assign(np.where(keep, kernel, 0.0).astype("float32"))
         self.prune_mask.assign(keep.astype("float32"))
         self.threshold.assign(np.zeros(self.threshold.shape, "float32"))
+        self._plain_inference = not self._seen_training
 
     def reset_threshold(self, value):
         """Set every threshold to `value` (a non-negative float, or an array
@@ -415,6 +540,7 @@ class SparseLinear(keras.layers.Layer):
                 f"{tuple(self.threshold.shape)}. Received: value={value!r}"
             ) from None
         self.threshold.assign(np.array(array))
+        self._plain_inference = False  # the hard mask changed: see `hard_prune()`
 
     # ------------------------------------------------------------ config
 
