@@ -73,9 +73,7 @@ def main(argv=None):
         ("pruned, stripped", sparse_sizes.stripped, accuracy(stripped)),
         ("pruned, stripped + int8", sparse_sizes.int8, accuracy(quantized)),
     ]
-    print(
-        f"LeNet-300-100, MNIST-10k, target sparsity {args.target:.0%}, backend {args.backend}\n"
-    )
+    print(f"LeNet-300-100, MNIST-10k, target sparsity {args.target:.0%}, backend {args.backend}\n")
     print("| model | nonzero weights | .keras bytes | gzip of weights | vs dense | accuracy |")
     print("|---|---:|---:|---:|---:|---:|")
     out = []

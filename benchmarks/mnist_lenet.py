@@ -4,6 +4,19 @@ Every method trains with the same epochs, batch size and optimiser (Adam 1e-3,
 batch 128, 40 epochs); accuracy is the final one (not the best epoch), measured
 on the stripped model (plain Dense layers holding the pruned weights).
 
+`sparse_linear_neuron` prunes whole neurons: fc1 and fc2 are
+`SparseLinear(granularity="neuron")` (the output layer is a plain Dense, whose
+neurons are the classes), driven by the same scheduler to `--neuron-targets`
+(sparsity of the fc1 and fc2 masks); accuracy is measured on
+`keras_sparse.shrink(model).model`, with the neurons kept per layer and the
+weights kept after the shrink (fc2 also loses the inputs of fc1's dead
+neurons, so more goes than the mask says). Its PyTorch peer, `ln_structured`
+at the same per-layer neuron counts, is benchmarks/mnist_torch_ln_structured.py:
+
+    python benchmarks/mnist_lenet.py --backend jax --methods sparse_linear_neuron \
+        --out benchmarks/results/neuron_mnist_jax.json
+    python benchmarks/mnist_torch_ln_structured.py --match benchmarks/results/neuron_mnist_jax.json
+
     python benchmarks/mnist_lenet.py --backend jax
     python benchmarks/mnist_lenet.py --backend all      # one process per backend
 
@@ -33,6 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=None, help="folder with the MNIST IDX files")
     parser.add_argument("--methods", default="dense,sparse_linear,one_shot")
     parser.add_argument("--targets", default="0.9,0.95,0.98")
+    parser.add_argument("--neuron-targets", default="0.5,0.75,0.9")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -53,6 +67,20 @@ def lenet(layer_factory):
             layer_factory(10, name="out"),
         ]
     )
+
+
+# Kernel weights of LeNet-300-100: every method's sparsity is counted against them.
+LENET_WEIGHTS = 784 * 300 + 300 * 100 + 100 * 10
+
+
+def neuron_layer(units, name, **kwargs):
+    import keras
+
+    import keras_sparse as ks
+
+    if name == "out":  # the classes stay
+        return keras.layers.Dense(units, name=name, **kwargs)
+    return ks.SparseLinear(units, granularity="neuron", name=name, **kwargs)
 
 
 def compile_model(model):
@@ -92,6 +120,16 @@ def run_one(method, target, seed, args, data):
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.strip(model)
         compile_model(final)
+    elif method == "sparse_linear_neuron":
+        model = lenet(neuron_layer)
+        compile_model(model)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * total_steps))
+        model.fit(
+            x_train, y_train, epochs=args.epochs, callbacks=[ks.SparsityScheduler(schedule)], **fit
+        )
+        evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
+        final = ks.shrink(model).model
+        compile_model(final)
     elif method == "one_shot":
         # Train dense for 3/4 of the epochs, prune each layer to the target by
         # magnitude at once, fine-tune the survivors for the last 1/4.
@@ -116,7 +154,6 @@ def run_one(method, target, seed, args, data):
         for layer in final.layers
         if isinstance(layer, keras.layers.Dense)
     ]
-    total = sum(k.size for k in kernels)
     nonzero = sum(int(np.count_nonzero(k)) for k in kernels)
     row = {
         "method": method,
@@ -124,8 +161,10 @@ def run_one(method, target, seed, args, data):
         "target": target,
         "seed": seed,
         "accuracy": accuracy,
-        "sparsity": 1.0 - nonzero / total,
+        "sparsity": 1.0 - nonzero / LENET_WEIGHTS,
         "layer_density": [round(np.count_nonzero(k) / k.size, 4) for k in kernels],
+        "neurons": [int(k.shape[1]) for k in kernels],
+        "weights_kept": sum(k.size for k in kernels) / LENET_WEIGHTS,
         "wall_s": wall,
     }
     if method != "dense":
@@ -149,6 +188,11 @@ def median_rows(rows):
             if key in group[0]:
                 entry[key] = statistics.median(r[key] for r in group)
         entry["layer_density"] = group[0]["layer_density"]
+        entry["neurons"] = [
+            statistics.median(r["neurons"][i] for r in group)
+            for i in range(len(group[0]["neurons"]))
+        ]
+        entry["weights_kept"] = statistics.median(r["weights_kept"] for r in group)
         summary.append(entry)
     return summary
 
@@ -167,16 +211,19 @@ def main(argv=None):
 
     data = load_mnist(args.data)
     targets = [float(t) for t in args.targets.split(",")]
+    neuron_targets = [float(t) for t in args.neuron_targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for method in args.methods.split(","):
-        for target in [0.0] if method == "dense" else targets:
+        method_targets = {"dense": [0.0], "sparse_linear_neuron": neuron_targets}
+        for target in method_targets.get(method, targets):
             for seed in seeds:
                 row = run_one(method, target, seed, args, data)
                 rows.append(row)
                 print(
                     f"[{args.backend}] {method:14s} target={target:.2f} seed={seed} "
                     f"acc={row['accuracy']:.4f} sparsity={row['sparsity']:.4f} "
+                    f"neurons={row['neurons']} "
                     f"wall={row['wall_s']:.1f}s",
                     flush=True,
                 )

@@ -3,6 +3,7 @@
 from keras_sparse.callbacks import SparsityScheduler, sparse_layers
 from keras_sparse.distribution import get_layout_map, validate_layout_map
 from keras_sparse.export import size_report
+from keras_sparse.granularity import is_n_m_sparse
 from keras_sparse.layer import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
 from keras_sparse.schedules import (
     ConstantSparsity,
@@ -10,6 +11,7 @@ from keras_sparse.schedules import (
     PolynomialDecay,
     SparsitySchedule,
 )
+from keras_sparse.shrink import LayerShrink, ShrinkResult, shrink
 from keras_sparse.transforms import sparsify, sparsity_report, strip
 
 __version__ = "0.1.0"
@@ -29,4 +31,8 @@ __all__ = [
     "sparsity_report",
     "strip",
     "size_report",
+    "is_n_m_sparse",
+    "shrink",
+    "ShrinkResult",
+    "LayerShrink",
 ]

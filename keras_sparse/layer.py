@@ -9,6 +9,17 @@ import keras
 import numpy as np
 from keras import activations, constraints, initializers, ops, regularizers
 
+from keras_sparse.granularity import (
+    DEFAULT_N_M,
+    GRANULARITIES,
+    check_n_m,
+    n_m_boundary,
+    n_m_keep,
+    n_m_keep_numpy,
+    neuron_scores,
+    neuron_scores_numpy,
+)
+
 # The mask's transition band is about 4 / temperature wide in weight units.
 # Tying the default temperature to the kernel's spread at build time makes the
 # same default equally sharp in a 784x300 layer (std ~0.04) and a 64x10 one
@@ -94,6 +105,25 @@ class SparseLinear(keras.layers.Layer):
     `hard_prune()` or `keras_sparse.strip()` hands over. Pass
     `inference_mask="soft"` to keep the soft mask at inference.
 
+    `granularity` says what one pruning decision covers. `"weight"`
+    (default) is the formula above. `"neuron"` keeps or prunes each output
+    neuron whole, on the root mean square of its weights,
+    `rms_j = ||kernel[:, j]||_2 / sqrt(in_features)` (on the scale of one
+    weight, so thresholds and temperatures mean what they mean per weight):
+
+    ```
+    mask[:, j] = sigmoid((rms_j - threshold[j]) * temperature)
+    ```
+
+    and `keras_sparse.shrink()` slices the pruned neurons out. `"n:m"` keeps
+    at most `n` weights in every group of `m` consecutive inputs of each
+    neuron: the hard mask is the top `n` magnitudes of the group (ties to
+    the lower input index) that also pass the threshold, and the soft mask
+    `sigmoid((|kernel| - max(boundary, threshold)) * temperature)`, where
+    `boundary` is the midpoint between the n-th and (n+1)-th largest
+    magnitude of the weight's group (`keras_sparse.is_n_m_sparse()` checks
+    the result).
+
     Args:
         units: Positive integer, dimensionality of the output space.
         activation: Activation function. Defaults to `None` (linear).
@@ -124,6 +154,14 @@ class SparseLinear(keras.layers.Layer):
             estimator). Defaults to `False` (the seed's soft mask).
         inference_mask: `"hard"` (default) or `"soft"`: the mask used when
             `training=False`.
+        granularity: `"weight"` (default), `"neuron"` or `"n:m"`: what one
+            pruning decision covers (see above). `"neuron"` and `"n:m"`
+            have one threshold per output neuron (`structured=True`).
+        n_m: For `granularity="n:m"`, the pair `(n, m)` with `0 < n < m`;
+            defaults to `(2, 4)`. Groups run along the input dimension; when
+            `m` does not divide `in_features`, the last, shorter group keeps
+            at most `n` weights (the kernel padded with zero rows to a
+            multiple of `m` is exactly N:M).
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -161,6 +199,8 @@ class SparseLinear(keras.layers.Layer):
         threshold_constraint="non_neg",
         straight_through=False,
         inference_mask="hard",
+        granularity="weight",
+        n_m=None,
         **kwargs,
     ):
         if isinstance(units, bool) or not isinstance(units, (int, np.integer)) or units <= 0:
@@ -174,6 +214,24 @@ class SparseLinear(keras.layers.Layer):
             raise ValueError(
                 "Received an invalid value for `inference_mask`, expected one "
                 f"of {_INFERENCE_MASKS}. Received: inference_mask={inference_mask!r}"
+            )
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                "Received an invalid value for `granularity`, expected one of "
+                f"{GRANULARITIES}. Received: granularity={granularity!r}"
+            )
+        if granularity != "weight" and not structured:
+            raise ValueError(
+                f"Received an invalid value for `structured`: granularity={granularity!r} "
+                "has one threshold per output neuron, so `structured` must be True. "
+                f"Received: structured={structured!r}"
+            )
+        if granularity == "n:m":
+            n_m = check_n_m(DEFAULT_N_M if n_m is None else n_m)
+        elif n_m is not None:
+            raise ValueError(
+                "Received an invalid value for `n_m`: it applies to granularity='n:m' "
+                f"only. Received: n_m={n_m!r}, granularity={granularity!r}"
             )
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.units = int(units)
@@ -192,6 +250,8 @@ class SparseLinear(keras.layers.Layer):
         self.threshold_constraint = constraints.get(threshold_constraint)
         self.straight_through = bool(straight_through)
         self.inference_mask = inference_mask
+        self.granularity = granularity
+        self.n_m = n_m
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -324,13 +384,29 @@ class SparseLinear(keras.layers.Layer):
     _seen_training = False
 
     def _soft_mask(self):
-        """The seed's mask, `sigmoid((|kernel| - threshold) * temperature)`."""
-        logits = (ops.abs(self.kernel) - self.threshold) * self._temperature
+        """The seed's mask, `sigmoid((|kernel| - threshold) * temperature)`, at the granularity."""
+        magnitude, threshold = ops.abs(self.kernel), self.threshold
+        if self.granularity == "neuron":
+            magnitude = neuron_scores(self.kernel, self.prune_mask, differentiable=True)
+        elif self.granularity == "n:m":
+            boundary = n_m_boundary(magnitude * self.prune_mask, *self.n_m)
+            threshold = ops.maximum(threshold, boundary)
+        logits = (magnitude - threshold) * self._temperature
         return ops.sigmoid(logits) * self.prune_mask
 
-    def _hard_mask(self):
-        """`|kernel| >= threshold`, with pruned weights kept at zero."""
+    def _keep(self):
+        """What the hard mask keeps, before `prune_mask`; broadcasts to the kernel."""
+        if self.granularity == "neuron":
+            return ops.greater_equal(neuron_scores(self.kernel, self.prune_mask), self.threshold)
         keep = ops.greater_equal(ops.abs(self.kernel), self.threshold)
+        if self.granularity == "n:m":
+            pattern = n_m_keep(ops.abs(self.kernel) * self.prune_mask, *self.n_m)
+            keep = ops.logical_and(keep, pattern)
+        return keep
+
+    def _hard_mask(self):
+        """`|kernel| >= threshold` (at the layer's granularity), pruned weights kept at zero."""
+        keep = self._keep()
         return ops.cast(keep, "float32") * self.prune_mask
 
     def _mask(self, training):
@@ -467,13 +543,28 @@ class SparseLinear(keras.layers.Layer):
     def _hard_mask_numpy(self):
         kernel = ops.convert_to_numpy(self.kernel)
         threshold = ops.convert_to_numpy(self.threshold)
-        keep = ops.convert_to_numpy(self.prune_mask) > 0
+        prune_mask = ops.convert_to_numpy(self.prune_mask)
+        keep = prune_mask > 0
+        if self.granularity == "neuron":
+            return (neuron_scores_numpy(kernel, prune_mask) >= threshold) & keep
+        if self.granularity == "n:m":
+            keep &= n_m_keep_numpy(np.abs(kernel) * prune_mask, *self.n_m)
         return (np.abs(kernel) >= threshold) & keep
 
     def num_active(self):
         """Number of weights with `|w| >= threshold` that were not pruned."""
         self._require_built("num_active")
         return int(self._hard_mask_numpy().sum())
+
+    def alive_neurons(self):
+        """Number of output neurons with at least one active weight.
+
+        With `granularity="neuron"`, the neurons kept; after `hard_prune()`,
+        the others are all-zero kernel columns, which `keras_sparse.shrink()`
+        removes.
+        """
+        self._require_built("alive_neurons")
+        return int(self._hard_mask_numpy().any(axis=0).sum())
 
     def density(self):
         """Fraction of weights that are active (hard threshold)."""
@@ -564,5 +655,7 @@ class SparseLinear(keras.layers.Layer):
             "threshold_constraint": constraints.serialize(self.threshold_constraint),
             "straight_through": self.straight_through,
             "inference_mask": self.inference_mask,
+            "granularity": self.granularity,
+            "n_m": self.n_m,
         }
         return {**base_config, **config}
