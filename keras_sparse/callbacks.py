@@ -15,15 +15,19 @@ from keras_sparse.schedules import ExponentialTemperature, SparsitySchedule
 _SCOPES = ("global", "per_layer")
 
 
-def sparse_layers(model):
-    """Every `SparseLinear` in `model`, nested models included, in build order."""
-    found, stack = [], [model]
+def walk_layers(model):
+    """Every layer of `model`, nested models included (the models themselves too)."""
+    found, stack = [], list(getattr(model, "layers", []) or [])
     while stack:
         layer = stack.pop(0)
-        if isinstance(layer, SparseLinear):
-            found.append(layer)
+        found.append(layer)
         stack[:0] = list(getattr(layer, "layers", []) or [])
     return found
+
+
+def sparse_layers(model):
+    """Every `SparseLinear` in `model`, nested models included, in build order."""
+    return [layer for layer in [model, *walk_layers(model)] if isinstance(layer, SparseLinear)]
 
 
 class SparsityScheduler(keras.callbacks.Callback):

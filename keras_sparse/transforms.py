@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse.callbacks import sparse_layers
+from keras_sparse.callbacks import sparse_layers, walk_layers
 from keras_sparse.layer import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
 
 # `SparseLinear` keyword arguments that `sparsify` sets from the Dense layer
@@ -52,16 +52,6 @@ def _check_model(model, caller):
             f"received a subclassed model of type {type(model).__name__}. "
             "Build the same network as a functional model first."
         )
-
-
-def _walk_layers(model):
-    """Every layer of `model`, nested models included (the models themselves too)."""
-    found, stack = [], list(getattr(model, "layers", []) or [])
-    while stack:
-        layer = stack.pop(0)
-        found.append(layer)
-        stack[:0] = list(getattr(layer, "layers", []) or [])
-    return found
 
 
 def _selector(select):
@@ -197,11 +187,11 @@ def sparsify(model, select=None, **layer_kwargs):
 
     matched = [
         layer
-        for layer in _walk_layers(model)
+        for layer in walk_layers(model)
         if type(layer) is keras.layers.Dense and predicate(layer)
     ]
     if not matched:
-        names = [layer.name for layer in _walk_layers(model) if type(layer) is keras.layers.Dense]
+        names = [layer.name for layer in walk_layers(model) if type(layer) is keras.layers.Dense]
         raise ValueError(
             f"no Dense layer matched select={select!r} in model '{model.name}' "
             f"(its Dense layers: {names})"
