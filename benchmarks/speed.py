@@ -132,8 +132,37 @@ def floor_layer(size):
     return MaskedDense()
 
 
-def make_layers(size, seed=0, floor=True):
-    """Dense, the floor, and the two SparseLinear modes, all with the same kernel."""
+def formula_layer(size, threshold):
+    """The seed's formula and nothing else, `x @ (kernel * sigmoid((|kernel| - t) * T)) + b`
+    with one trainable threshold per neuron: no `prune_mask`, no penalty, no hard mask.
+    Timed (training only) as what the formula itself costs on the machine."""
+    import keras
+    from keras import ops
+
+    class SeedFormula(keras.layers.Layer):
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(input_shape[-1], size), name="kernel")
+            self.bias = self.add_weight(shape=(size,), initializer="zeros", name="bias")
+            self.threshold = self.add_weight(
+                shape=(size,), initializer=keras.initializers.Constant(threshold), name="t"
+            )
+            self.temperature = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(10.0 * size**0.5),
+                trainable=False,
+                name="temperature",
+            )
+
+        def call(self, inputs, training=None):
+            mask = ops.sigmoid((ops.abs(self.kernel) - self.threshold) * self.temperature)
+            return ops.matmul(inputs, self.kernel * mask) + self.bias
+
+    return SeedFormula()
+
+
+def make_layers(size, seed=0, floor=True, formula=False):
+    """Dense, the floor (and the bare formula), and the two SparseLinear modes, all
+    with the same kernel."""
     import keras
     import numpy as np
 
@@ -149,6 +178,10 @@ def make_layers(size, seed=0, floor=True):
         layers["floor"] = floor_layer(size)
         layers["floor"].build((None, size))
         layers["floor"].kernel.assign(kernel)
+    if formula:
+        layers["formula"] = formula_layer(size, np.median(np.abs(kernel), axis=0))
+        layers["formula"].build((None, size))
+        layers["formula"].kernel.assign(kernel)
     for mode in MODES:
         layer = SparseLinear(size, structured=mode == "structured")
         layer.build((None, size))
@@ -491,7 +524,7 @@ def run_backend(args):
 
     for size in args.sizes:
         for batch in args.batches:
-            layers = make_layers(size)
+            layers = make_layers(size, formula=True)
             x, y = data(size, batch)
             # Training step.
             runs = {name: adapter.train(layer, x, y) for name, layer in layers.items()}
@@ -509,11 +542,13 @@ def run_backend(args):
                 row = {"size": size, "batch": batch}
                 for name, layer in layers.items():
                     extra = adapter.train_memory(layer, x, y)
-                    static = sum(int(np.prod(w.shape)) * 4 for w in layer.weights)
+                    static = sum(
+                        int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layer.weights
+                    )
                     static += 2 * size * batch * 4  # x and y
                     row[f"{name}_extra_bytes"] = extra
                     row[f"{name}_bytes"] = None if extra is None else static + extra
-                for name in ("floor", *MODES):
+                for name in ("floor", "formula", *MODES):
                     for key in ("bytes", "extra_bytes"):
                         value, dense = row[f"{name}_{key}"], row[f"dense_{key}"]
                         ok = value is not None and dense
@@ -549,7 +584,7 @@ def run_backend(args):
 
 
 def fmt_row(row):
-    names = ("floor", *MODES)
+    names = ("floor", "formula", *MODES)
     parts = [f"{name}={row[name]:.3f}x" for name in names if row.get(name) is not None]
     if "dense_s" in row:
         parts.append(f"dense={row['dense_s'] * 1e3:.3f}ms")
@@ -594,19 +629,24 @@ def markdown(results):
         "`layer / Dense` (1.00x = as fast as Dense). Devices: "
         + ", ".join(f"{b}: {r['device']}" for b, r in results["backends"].items())
         + ". `floor` is `x @ (kernel * mask) + bias` with a constant mask: the cost of one "
-        "elementwise op on the kernel, the least any kernel-sized mask can cost here.",
+        "elementwise op on the kernel, the least any kernel-sized mask can cost here. "
+        "`seed formula` is the seed's formula alone, "
+        "`x @ (kernel * sigmoid((|kernel| - t) * T)) + bias` with a per-neuron `t`, without "
+        "`prune_mask`, penalty or hard mask: what the formula itself costs here.",
         "",
         "**Training step** (forward in training mode with the `sparsity_penalty` loss, "
         "backward, SGD update):",
         "",
-        "| backend | mode | size | batch | Dense | floor | structured | unstructured |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| backend | mode | size | batch | Dense | floor | seed formula | structured | "
+        "unstructured |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for backend, res in results["backends"].items():
         for row in res["train"]:
             lines.append(
                 f"| {backend} | {row['variant']} | {row['size']} | {row['batch']} | "
                 f"{row['dense_s'] * 1e3:.3f} ms | {ratio(row.get('floor'))} | "
+                f"{ratio(row.get('formula'))} | "
                 f"{ratio(row['structured'])} | {ratio(row['unstructured'])} |"
             )
     lines += [
@@ -637,9 +677,9 @@ def markdown(results):
         "stay in memory, plus the peak of what the step allocates (in brackets: that extra "
         "alone, against Dense's extra):",
         "",
-        "| backend | size | batch | Dense | floor | structured | unstructured | step extra "
-        "measured with |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| backend | size | batch | Dense | floor | seed formula | structured | unstructured "
+        "| step extra measured with |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for backend, res in results["backends"].items():
         for row in res["memory"]:
@@ -647,7 +687,7 @@ def markdown(results):
             dense_mb = "n/a" if dense is None else f"{dense / 2**20:.1f} MiB"
             cells = [
                 f"{ratio(row.get(name))} ({ratio(row.get(name + '_extra'))})"
-                for name in ("floor", *MODES)
+                for name in ("floor", "formula", *MODES)
             ]
             lines.append(
                 f"| {backend} | {row['size']} | {row['batch']} | {dense_mb} | "

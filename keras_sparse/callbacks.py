@@ -368,7 +368,7 @@ def _prune_exactly(layer, keep):
         # Whole neurons, or weights inside the N:M pattern: `prune_mask`
         # records the choice and no threshold is left to prune more.
         prune_mask = ops.convert_to_numpy(layer.prune_mask)
-        layer.prune_mask.assign((prune_mask * keep).astype("float32"))
+        layer.prune_mask.assign(np.logical_and(prune_mask, keep))
         layer.reset_threshold(0.0)
         layer.hard_prune()
         return
@@ -380,7 +380,7 @@ def _prune_exactly(layer, keep):
         threshold = np.where(np.isfinite(threshold), threshold, above.max(axis=0))
         # Ties with the column's cut are resolved by the keep set itself.
         layer.reset_threshold(threshold.astype("float32"))
-        layer.prune_mask.assign((ops.convert_to_numpy(layer.prune_mask) * keep).astype("float32"))
+        layer.prune_mask.assign(np.logical_and(ops.convert_to_numpy(layer.prune_mask), keep))
     else:
         layer.reset_threshold(np.where(keep, 0.0, above).astype("float32"))
     layer.hard_prune()

@@ -103,7 +103,8 @@ def check_mixed_precision(layer_cls, init_kwargs, input_shape):
     out = layer(x, training=True)
     assert keras.backend.standardize_dtype(out.dtype) == "float16"
     assert np.all(np.isfinite(to_numpy(out)))
-    assert all(w.dtype == "float32" for w in layer.weights)
+    # Every floating weight stays float32; `prune_mask` is boolean.
+    assert {w.dtype for w in layer.weights} <= {"float32", "bool"}
 
 
 def run_layer_checks(

@@ -306,9 +306,10 @@ def test_size_report_counts_the_served_parameters():
 
 def test_size_report_counts_the_sparse_layers_state_as_given():
     report = size_report(_one_layer(KERNEL, BIAS, 0.3))
-    # kernel 12 + bias 3 + threshold 3 + prune_mask 12 + temperature 1 + penalty 1.
+    # kernel 12 + bias 3 + threshold 3 + prune_mask 12 + temperature 1 + penalty 1,
+    # all float32 but the boolean prune_mask (one byte each).
     assert report.sparse.params == 32
-    assert report.sparse.weight_bytes == 32 * 4
+    assert report.sparse.weight_bytes == 20 * 4 + 12 * 1
 
 
 def test_size_report_int8_kernel_is_one_byte_per_weight():

@@ -139,7 +139,8 @@ def test_weights_have_keras_layout_and_float32(structured, threshold_shape):
     assert layer.threshold.shape == threshold_shape
     paths = [w.path for w in layer.trainable_weights]
     assert [p.split("/")[-1] for p in paths] == ["kernel", "bias", "threshold"]
-    assert all(w.dtype == "float32" for w in layer.weights)
+    assert all(w.dtype == "float32" for w in layer.weights if w is not layer.prune_mask)
+    assert layer.prune_mask.dtype == "bool" and not layer.prune_mask.trainable
     assert layer.in_features == 6 and layer.out_features == 4
     assert layer.is_structured is structured
     n_threshold = int(np.prod(threshold_shape))

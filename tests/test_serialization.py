@@ -1,5 +1,6 @@
 """SparseLinear configs, `.keras` files (also across backends) and SavedModel export."""
 
+import importlib.util
 import inspect
 import os
 import subprocess
@@ -182,7 +183,9 @@ def test_keras_file_loads_with_identical_outputs_on_the_other_backends(rng, tmp_
     expected_inference = model.predict(x, verbose=0)
     expected_training = to_numpy(model(x, training=True))
 
-    others = [b for b in BACKENDS if b != BACKEND]
+    others = [b for b in BACKENDS if b != BACKEND and importlib.util.find_spec(b) is not None]
+    if not others:  # e.g. a GPU machine with JAX and PyTorch but no TensorFlow
+        pytest.skip("no other backend is installed to load the file with")
     processes = {}
     for other in others:
         env = dict(os.environ)

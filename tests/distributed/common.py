@@ -113,7 +113,9 @@ def sparse_layers(model):
 
 def max_gap(a, b):
     """Largest |a - b| over every weight, and the path where it is."""
-    gaps = {path: float(np.max(np.abs(a[path] - b[path]), initial=0.0)) for path in a}
+    gaps = {
+        path: float(np.max(np.abs(a[path].astype("float64") - b[path]), initial=0.0)) for path in a
+    }
     path = max(gaps, key=gaps.get)
     return gaps[path], path
 
