@@ -173,6 +173,22 @@ np.savez(
 """
 
 
+def test_weights_saved_with_a_float32_prune_mask_still_load(rng):
+    # Files written before `prune_mask` became boolean store it as float32 0/1.
+    layer = SparseLinear.new(4, 3)
+    kernel = rng.normal(size=(4, 3)).astype("float32")
+    float_mask = (rng.random((4, 3)) > 0.5).astype("float32")
+    arrays = {"kernel": kernel, "prune_mask": float_mask}
+    store = {
+        str(i): arrays.get(w.name, to_numpy(w)).astype("float32")
+        for i, w in enumerate(layer.weights)
+    }
+    layer.load_own_variables(store)
+    assert layer.prune_mask.dtype == "bool"
+    np.testing.assert_array_equal(to_numpy(layer.prune_mask), float_mask > 0)
+    np.testing.assert_array_equal(to_numpy(layer.effective_weight()), kernel * float_mask)
+
+
 def test_keras_file_loads_with_identical_outputs_on_the_other_backends(rng, tmp_path):
     model = pruned_model("functional", rng)
     x = rng.normal(size=(6, 4)).astype("float32")
