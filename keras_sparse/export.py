@@ -155,11 +155,12 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
             `export_problem`), or `strip=True` and the model has no
             `SparseLinear`.
     """
+    # The model is checked before the tools: its error is the user's to fix.
+    target = _strip(model, require_sparse=True) if strip else model
     problem = export_problem(format)
     if problem:
         raise ValueError(problem)
     filepath = os.fspath(filepath)
-    target = _strip(model, require_sparse=True) if strip else model
     if model.inputs and not getattr(target, "_called", True):
         # Keras's ONNX and LiteRT routes refuse a model that was never
         # called (a freshly loaded one on PyTorch): one call on zeros.

@@ -234,7 +234,8 @@ def test_missing_command_is_a_usage_error(capsys):
 
 
 def test_python_dash_m_runs_the_cli(sparse_file):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    pythonpath = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, TF_CPP_MIN_LOG_LEVEL="3")
     env["KERAS_BACKEND"] = keras.backend.backend()
     result = subprocess.run(
         [sys.executable, "-m", "keras_sparse", "-q", "report", str(sparse_file)],

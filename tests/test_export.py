@@ -247,7 +247,10 @@ def test_export_of_unknown_format_raises_and_writes_nothing(shipped, tmp_path):
 
 
 def test_failed_export_leaves_no_partial_output(shipped, tmp_path, monkeypatch):
-    format = next(f for f in EXPORT_FORMATS if export_problem(f) is None)
+    available = [f for f in EXPORT_FORMATS if export_problem(f) is None]
+    if not available:
+        pytest.skip(f"no export route is available here: {export_problem(EXPORT_FORMATS[0])}")
+    format = available[0]
 
     def export_then_crash(self, filepath, **kwargs):
         with open(filepath, "wb") as f:

@@ -272,7 +272,8 @@ def test_stripped_model_loads_where_keras_sparse_is_not_importable(tmp_path, x):
     )
     env = {
         key: os.environ[key]
-        for key in ("PATH", "HOME", "KERAS_BACKEND", "LD_LIBRARY_PATH", "OPENBLAS_CORETYPE")
+        # PYTHONPATH too, where keras itself may live; the script hides keras_sparse.
+        for key in ("PATH", "HOME", "PYTHONPATH", "LD_LIBRARY_PATH", "OPENBLAS_CORETYPE")
         if key in os.environ
     }
     env["KERAS_BACKEND"] = keras.backend.backend()

@@ -172,5 +172,5 @@ def free_port():
 
 if __name__ == "__main__":
     torch.multiprocessing.start_processes(
-        run, args=(free_port(),), nprocs=WORLD_SIZE, join=True, start_method="fork"
+        run, args=(free_port(),), nprocs=WORLD_SIZE, join=True, start_method="spawn"
     )
