@@ -73,7 +73,8 @@ def train(module, model, dataset, sampler=None):
             if callback is not None:
                 callback.on_train_batch_begin(step)
             outputs = module(inputs, training=True)
-            loss = torch.nn.functional.mse_loss(outputs, targets)
+            # The loader's tensors are on the CPU, Keras's outputs on its device.
+            loss = torch.nn.functional.mse_loss(outputs, targets.to(outputs.device))
             loss = loss + sum(model.losses)  # the sparsity penalties
             optimizer.zero_grad()
             loss.backward()
