@@ -5,8 +5,9 @@ import numpy as np
 from keras import ops
 
 
-def gradients(layer, x, upstream, training=True):
-    """Gradients of `sum(layer(x) * upstream)` w.r.t. `layer.trainable_variables`, as NumPy."""
+def gradients(layer, x, upstream, training=True, with_losses=False):
+    """Gradients of `sum(layer(x) * upstream)` (plus the layer's `add_loss` terms if
+    `with_losses`) w.r.t. `layer.trainable_variables`, as NumPy."""
     backend = keras.backend.backend()
     variables = layer.trainable_variables
     if backend == "tensorflow":
@@ -14,6 +15,8 @@ def gradients(layer, x, upstream, training=True):
 
         with tf.GradientTape() as tape:
             loss = ops.sum(layer(x, training=training) * upstream)
+            if with_losses:
+                loss = loss + sum(layer.losses)
         grads = tape.gradient(loss, [v.value for v in variables])
     elif backend == "jax":
         import jax
@@ -21,14 +24,18 @@ def gradients(layer, x, upstream, training=True):
         non_trainable = [v.value for v in layer.non_trainable_variables]
 
         def loss_fn(trainable):
-            y, _ = layer.stateless_call(trainable, non_trainable, x, training=training)
-            return ops.sum(y * upstream)
+            y, _, losses = layer.stateless_call(
+                trainable, non_trainable, x, training=training, return_losses=True
+            )
+            return ops.sum(y * upstream) + (sum(losses) if with_losses else 0.0)
 
         grads = jax.grad(loss_fn)([v.value for v in variables])
     elif backend == "torch":
         for v in variables:
             v.value.grad = None
         loss = ops.sum(layer(x, training=training) * ops.convert_to_tensor(upstream))
+        if with_losses:
+            loss = loss + sum(layer.losses)
         loss.backward()
         grads = [v.value.grad for v in variables]
     else:  # pragma: no cover

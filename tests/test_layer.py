@@ -107,6 +107,41 @@ def test_threshold_gradient_matches_finite_differences(rng):
     np.testing.assert_allclose(d_threshold, numeric, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("structured", [True, False])
+def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, structured):
+    # The loss `fit` sees, `sum(y * upstream) + penalty * mean(mask)`, with some
+    # weights already pruned: its gradients against float64 central differences.
+    layer = make_layer(rng, structured=structured, temperature=2.0)
+    penalty = 0.7
+    layer.sparsity_penalty.assign(penalty)
+    alive = rng.random((6, 4)) > 0.3
+    layer.prune_mask.assign(alive)
+    x = rng.normal(size=(5, 6))
+    upstream = rng.normal(size=(5, 4))
+    kernel, bias, threshold = (a.astype("float64") for a in layer_arrays(layer))
+    d_kernel, _, d_threshold = gradients(
+        layer, x.astype("float32"), upstream.astype("float32"), with_losses=True
+    )
+
+    def loss(k, t):
+        mask = reference.soft_mask(k, t, 2.0) * alive
+        return np.sum((x @ (k * mask) + bias) * upstream) + penalty * np.mean(mask)
+
+    def numeric(f, at, eps=1e-6):
+        grad = np.zeros_like(at)
+        for index in np.ndindex(at.shape):
+            step = np.zeros_like(at)
+            step[index] = eps
+            grad[index] = (f(at + step) - f(at - step)) / (2 * eps)
+        return grad
+
+    want_kernel = numeric(lambda k: loss(k, threshold), kernel)
+    want_threshold = numeric(lambda t: loss(kernel, t), threshold)
+    np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-3, atol=1e-3)
+    assert np.all(d_kernel[~alive] == 0)
+
+
 def test_straight_through_forward_is_hard_and_gradient_is_soft(rng):
     layer = SparseLinear(4, temperature=5.0, straight_through=True)
     layer.build((None, 6))
