@@ -1,0 +1,127 @@
+"""A change's effect on speed and memory: `SparseLinear` at two git revisions, side by side.
+
+Times a training step of the working tree's `SparseLinear` and of the one at
+`--base` (both modes), against `Dense`, in the same interleaved rounds of one
+process (see `speed.py`), and optionally their peak training memory. On a
+noisy machine this is the way to tell whether a change helped: the two
+versions see the same noise.
+
+    python benchmarks/compare_revisions.py --backend tensorflow --base HEAD~1 --memory
+
+The base revision's `keras_sparse/` is extracted with `git show` into a
+temporary directory and imported as `keras_sparse_base`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODES = ("structured", "unstructured")
+
+
+def extract(revision, into):
+    """`keras_sparse/` at `revision`, renamed `keras_sparse_base`, under `into`."""
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", revision, "keras_sparse/"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    package = os.path.join(into, "keras_sparse_base")
+    os.makedirs(package)
+    for name in names:
+        if not name.endswith(".py"):
+            continue
+        source = subprocess.run(
+            ["git", "show", f"{revision}:{name}"], cwd=ROOT, check=True, capture_output=True
+        ).stdout.decode()
+        with open(os.path.join(package, os.path.basename(name)), "w") as f:
+            f.write(source.replace("keras_sparse", "keras_sparse_base"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", required=True, choices=("tensorflow", "jax", "torch"))
+    parser.add_argument("--base", default="HEAD", help="git revision to compare with")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--target", type=float, default=0.15, help="seconds per sample")
+    parser.add_argument("--memory", action="store_true", help="also peak training memory")
+    parser.add_argument(
+        "--eager", action="store_true", help="PyTorch: eager steps instead of torch.compile"
+    )
+    args = parser.parse_args(argv)
+
+    os.environ["KERAS_BACKEND"] = args.backend
+    sys.path[:0] = [HERE, ROOT]
+    import speed
+
+    speed.limit_threads(1)
+    speed.apply_threads(args.backend, 1)
+    import keras
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(args.base, tmp)
+        sys.path.insert(0, tmp)
+        versions = {
+            "base": importlib.import_module("keras_sparse_base").SparseLinear,
+            "current": importlib.import_module("keras_sparse").SparseLinear,
+        }
+        size, batch = args.size, args.batch
+        kernel = np.random.default_rng(0).normal(0, size**-0.5, (size, size)).astype("f4")
+        dense = keras.layers.Dense(size)
+        dense.build((None, size))
+        dense.kernel.assign(kernel)
+        layers = {"dense": dense}
+        for version, cls in versions.items():
+            for mode in MODES:
+                layer = cls(size, structured=mode == "structured")
+                layer.build((None, size))
+                layer.kernel.assign(kernel)
+                # Half the weights below threshold, as in speed.py.
+                axis = 0 if mode == "structured" else None
+                layer.reset_threshold(np.median(np.abs(kernel), axis=axis))
+                layers[f"{version} {mode}"] = layer
+        adapter = speed.adapter_for(
+            args.backend,
+            argparse.Namespace(torch_compile_sizes=[] if args.eager else [size], batches=[batch]),
+        )
+        x, y = speed.data(size, batch)
+        runs = {name: adapter.train(layer, x, y) for name, layer in layers.items()}
+        variant = {"tensorflow": "jit", "jax": "jit"}.get(args.backend)
+        variant = variant or ("eager" if args.eager else "compile")
+        _, ratios = speed.interleaved(
+            {name: r[variant] for name, r in runs.items()}, args.rounds, args.target
+        )
+        print(f"{args.backend} {variant}, size {size}, batch {batch}, base = {args.base}")
+        print("training step / Dense (median, per-round range):")
+        for name in layers:
+            if name != "dense":
+                low, high = ratios[f"{name}_range"]
+                print(f"  {name:22s} {ratios[name]:.3f}x  ({low:.2f}-{high:.2f})")
+        if args.memory:
+            print("peak training memory / Dense (weights + batch + step extra):")
+            total = {}
+            for name, layer in layers.items():
+                extra = adapter.train_memory(layer, x, y, runs[name][variant])
+                weights = sum(
+                    int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in layer.weights
+                )
+                total[name] = weights + 2 * size * batch * 4 + extra
+            for name in layers:
+                if name != "dense":
+                    print(f"  {name:22s} {total[name] / total['dense']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
