@@ -463,9 +463,6 @@ class SparseLinear(keras.layers.Layer):
         kernel = ops.convert_to_tensor(self.kernel)
         return _unmasked(kernel, ops.convert_to_tensor(self.prune_mask))
 
-    def _mask_inputs(self):
-        return self.kernel, self.threshold, self.prune_mask, self._temperature
-
     def _fused_training(self):
         """Whether training takes `_soft_masked_kernel` (see there)."""
         return (
@@ -498,7 +495,10 @@ class SparseLinear(keras.layers.Layer):
             if self._fused_training():
                 # Tensors, not variables: a custom gradient must not read variables.
                 kernel, density = _soft_masked_kernel(
-                    *(ops.copy(v) for v in self._mask_inputs()),
+                    ops.copy(self.kernel),
+                    ops.copy(self.threshold),
+                    ops.copy(self.prune_mask),
+                    ops.copy(self._temperature),
                 )
             else:
                 mask = self._mask(True)
