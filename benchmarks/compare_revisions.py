@@ -23,7 +23,6 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MODES = ("structured", "unstructured")
 
 
 def extract(revision, into):
@@ -67,7 +66,6 @@ def main(argv=None):
 
     speed.limit_threads(1)
     speed.apply_threads(args.backend, 1)
-    import keras
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,20 +76,13 @@ def main(argv=None):
             "current": importlib.import_module("keras_sparse").SparseLinear,
         }
         size, batch = args.size, args.batch
-        kernel = np.random.default_rng(0).normal(0, size**-0.5, (size, size)).astype("f4")
-        dense = keras.layers.Dense(size)
-        dense.build((None, size))
-        dense.kernel.assign(kernel)
-        layers = {"dense": dense}
+        layers = {}
         for version, cls in versions.items():
-            for mode in MODES:
-                layer = cls(size, structured=mode == "structured")
-                layer.build((None, size))
-                layer.kernel.assign(kernel)
-                # Half the weights below threshold, as in speed.py.
-                axis = 0 if mode == "structured" else None
-                layer.reset_threshold(np.median(np.abs(kernel), axis=axis))
-                layers[f"{version} {mode}"] = layer
+            # The same seed, so the same kernel and thresholds for both versions.
+            built = speed.make_layers(size, floor=False, sparse_linear=cls)
+            layers.setdefault("dense", built["dense"])
+            for mode in speed.MODES:
+                layers[f"{version} {mode}"] = built[mode]
         adapter = speed.adapter_for(
             args.backend,
             argparse.Namespace(torch_compile_sizes=[] if args.eager else [size], batches=[batch]),

@@ -161,13 +161,14 @@ def formula_layer(size, threshold):
     return SeedFormula()
 
 
-def make_layers(size, seed=0, floor=True, formula=False):
+def make_layers(size, seed=0, floor=True, formula=False, sparse_linear=None):
     """Dense, the floor (and the bare formula), and the two SparseLinear modes, all
-    with the same kernel."""
+    with the same kernel. `sparse_linear`: the class to use (another version's, say)."""
     import keras
     import numpy as np
 
-    from keras_sparse import SparseLinear
+    if sparse_linear is None:
+        from keras_sparse import SparseLinear as sparse_linear
 
     rng = np.random.default_rng(seed)
     kernel = rng.normal(0.0, 1.0 / np.sqrt(size), size=(size, size)).astype("float32")
@@ -184,7 +185,7 @@ def make_layers(size, seed=0, floor=True, formula=False):
         layers["formula"].build((None, size))
         layers["formula"].kernel.assign(kernel)
     for mode in MODES:
-        layer = SparseLinear(size, structured=mode == "structured")
+        layer = sparse_linear(size, structured=mode == "structured")
         layer.build((None, size))
         layer.kernel.assign(kernel)
         # Thresholds at the median |w|: half the weights are below them, so

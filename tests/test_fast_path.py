@@ -1,6 +1,6 @@
 """The inference fast paths of SparseLinear against the reference formulas.
 
-* Before pruning, inference computes `kernel * hard_mask` in one `where`.
+* Before pruning, inference computes `kernel * hard_mask` (no sigmoid).
 * After `hard_prune()` of a layer never trained in this process, inference is
   a plain matmul with the kernel (its pruned entries are zero), with the
   gradient of `kernel * prune_mask`.
@@ -13,22 +13,12 @@ import numpy as np
 import pytest
 import reference
 from backend_utils import to_numpy
+from factories import make_layer
 from keras import ops
 
 from keras_sparse import SparseLinear
 
 BACKEND = keras.backend.backend()
-
-
-def make_layer(rng, in_features=6, units=4, structured=True, use_bias=True, **kwargs):
-    layer = SparseLinear(units, structured=structured, use_bias=use_bias, temperature=5.0, **kwargs)
-    layer.build((None, in_features))
-    layer.kernel.assign(rng.normal(size=(in_features, units)).astype("float32"))
-    if use_bias:
-        layer.bias.assign(rng.normal(size=(units,)).astype("float32"))
-    threshold_shape = (units,) if structured else (in_features, units)
-    layer.threshold.assign(rng.uniform(0.2, 0.9, size=threshold_shape).astype("float32"))
-    return layer
 
 
 def expected_output(layer, x):

@@ -6,24 +6,9 @@ import numpy as np
 import pytest
 import reference
 from backend_utils import gradients, to_numpy
+from factories import layer_arrays, make_layer
 
 from keras_sparse import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
-
-
-def make_layer(rng, in_features=6, units=4, structured=True, use_bias=True, temperature=5.0):
-    layer = SparseLinear(units, structured=structured, use_bias=use_bias, temperature=temperature)
-    layer.build((None, in_features))
-    layer.kernel.assign(rng.normal(size=(in_features, units)).astype("float32"))
-    if use_bias:
-        layer.bias.assign(rng.normal(size=(units,)).astype("float32"))
-    threshold_shape = (units,) if structured else (in_features, units)
-    layer.threshold.assign(rng.uniform(0.2, 0.9, size=threshold_shape).astype("float32"))
-    return layer
-
-
-def layer_arrays(layer):
-    bias = to_numpy(layer.bias) if layer.use_bias else None
-    return to_numpy(layer.kernel), bias, to_numpy(layer.threshold)
 
 
 @pytest.mark.parametrize("structured", [True, False])
