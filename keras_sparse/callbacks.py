@@ -1,101 +1,123 @@
-"""`SparsityScheduler`: the callback that steers learned thresholds to a target sparsity."""
+"""`SparsityScheduler`: the callback that steers learned thresholds to a target sparsity.
+
+The feedback runs on the device, inside the compiled train step: each mask
+measures its hard density in its training forward pass, and the first mask
+of each group (the model, or each layer with `scope="per_layer"`) updates
+the penalty strength from those measurements and writes every member's
+penalty. The callback itself only attaches the driver when training starts,
+freezes the masks at the end of the ramp, and logs scalars at each epoch's
+end: no kernel-sized value leaves the device during `fit`, and a step makes
+no host round trip.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse.granularity import n_m_keep_numpy, neuron_scores_numpy
-from keras_sparse.layer import SparseLinear
-from keras_sparse.schedules import ExponentialTemperature, SparsitySchedule
+from keras_sparse.mask import STATE_FIELDS
+from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, SparsitySchedule
+from keras_sparse.walk import display_names, sparse_layers
 
 _SCOPES = ("global", "per_layer")
+_STEP, _LOG_PENALTY, _DENSITY, _SCALE, _FROZEN = range(len(STATE_FIELDS))
 
 
-def walk_layers(model):
-    """Every layer of `model`, nested models included (the models themselves too)."""
-    found, stack = [], list(getattr(model, "layers", []) or [])
-    while stack:
-        layer = stack.pop(0)
-        found.append(layer)
-        stack[:0] = list(getattr(layer, "layers", []) or [])
-    return found
+def _host_reads():
+    """Where the scheduler reads scalars on the host (epoch ends, the freeze): allowed even
+    under `jax.transfer_guard_device_to_host("disallow")`, which the steps stay under."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.transfer_guard_device_to_host("allow")
+    return contextlib.nullcontext()
 
 
-def sparse_layers(model):
-    """Every `SparseLinear` in `model`, nested models included, in build order."""
-    return [layer for layer in [model, *walk_layers(model)] if isinstance(layer, SparseLinear)]
+def _scalar(tensor):
+    return float(ops.convert_to_numpy(tensor))
 
 
 class SparsityScheduler(keras.callbacks.Callback):
-    """Drives every `SparseLinear` of a model to a scheduled target sparsity.
+    """Drives every sparse layer of a model to a scheduled target sparsity.
 
-    How it works (the reasoning is in the README, "How the driver works"):
+    How it works (the pruning guide in the docs gives the reasoning):
 
-    * **A penalty on the soft mask.** Each layer adds
+    * **A penalty on the soft mask.** Each mask adds
       `sparsity_penalty * mean(soft_mask)` to the loss in training, which
       raises its thresholds. The penalty is the only force towards sparsity;
       *where* weights go is learned by the thresholds against the task loss.
-    * **A bounded feedback on its strength.** Before each step, the scheduler
-      compares the measured (hard) sparsity with the schedule's target and
-      moves `log(penalty)` by `gain * log(measured_density / target_density)`
-      (10x slower downwards, as pruning is hard to undo), clipped to
-      `[min_penalty, max_penalty]`. With `scope="global"` one strength is shared
-      by every weight of the model (each layer gets its share in proportion to
-      its size), so the thresholds decide how much each layer keeps; with
-      `scope="per_layer"` every layer follows the target on its own.
-    * **A floor.** A layer whose density fell to `min_density` gets no penalty,
-      so no layer is pruned to nothing.
-    * **Temperature annealing.** Each layer's temperature is
-      `relative_temperature(step) / std(kernel at start)`: equally sharp in
-      every layer whatever its weight scale, rising to make the soft mask
-      close to the hard one the model is evaluated with.
-    * **Freeze.** At `schedule.end_step` (when `freeze_at_end=True`) every layer
-      is `hard_prune()`d: the mask is fixed and the rest of training
-      fine-tunes the surviving weights, so `model.evaluate` measures exactly
-      the model that `keras_sparse.strip()` hands over.
+    * **A bounded feedback on its strength**, inside the train step. Each
+      step compares the measured (hard) density with the schedule's target
+      and moves `log(penalty)` by `gain * log(measured_density /
+      target_density)` per ramp length (10x slower downwards, as pruning is
+      hard to undo), clipped to `[min_penalty, max_penalty]`. With
+      `scope="global"` one strength is shared by every weight of the model
+      (each mask gets its share in proportion to its size), so the
+      thresholds decide how much each layer keeps; with `scope="per_layer"`
+      every mask follows the target on its own.
+    * **A floor.** A mask whose density fell to `min_density` gets no
+      penalty, so no layer is pruned to nothing.
+    * **Temperature annealing.** Each mask's temperature is
+      `relative_temperature(step) / weight_scale`, the scale being its
+      weights' standard deviation when driving started: equally sharp in
+      every layer, rising to make the soft mask close to the hard one.
+    * **Freeze.** At `schedule.end_step` (when `freeze_at_end=True`) the
+      masks are fixed at exactly the target (ranking weights on their
+      learned margin) and hard-pruned; the rest of training fine-tunes the
+      survivors with the fixed mask alone (no sigmoid, no penalty), so
+      `model.evaluate` measures exactly the model `keras_sparse.strip()`
+      hands over.
 
-    Put it first in `callbacks=[...]`: the statistics it writes into `logs`
-    (`sparsity`, `target_sparsity`, `density/<layer>`,
-    `threshold_mean/<layer>`) are then seen by `History`, `CSVLogger`,
-    `TensorBoard` and the progress bar.
+    The state (step, penalty strength, scale, frozen) lives in each mask's
+    `sparsity_state` variable, saved with the model: a reloaded model, or a
+    second `fit`, resumes where training stopped (pass `resume=False` to
+    start the schedule again).
+
+    Put it first in `callbacks=[...]`: the statistics it writes into the
+    epoch's `logs` (`sparsity`, `target_sparsity`, `relative_temperature`,
+    `sparsity_loss`, `density/<layer>`, `threshold_mean/<layer>`) are then
+    seen by `History`, `CSVLogger`, `TensorBoard` and the progress bar.
 
     Args:
         schedule: A `keras_sparse.SparsitySchedule` (`PolynomialDecay`,
-            `ConstantSparsity`) or a float (constant target from step 0).
+            `ConstantSparsity`), in steps, epochs or a fraction of the run,
+            or a float (constant target from step 0).
         scope: `"global"` (default) or `"per_layer"`.
-        temperature: A schedule of the relative temperature (a callable of
-            the step), for every layer. Defaults, over the schedule's steps,
-            to `ExponentialTemperature(5, 200)` for layers with a threshold
-            per neuron and `ExponentialTemperature(2, 5)` for layers with a
-            threshold per weight (a sharp mask stops a per-weight threshold
-            from learning: it gets gradient from its own weight only) and for
-            `granularity="neuron"` layers (whose threshold likewise sees one
-            number, the neuron's RMS).
-        min_density: Per-layer floor on the density. Defaults to `0.01`.
-        freeze_at_end: Hard-prune every layer at `schedule.end_step`.
-            Defaults to `True`.
+        temperature: A schedule of the relative temperature (such as
+            `ExponentialTemperature`), for every mask. Defaults, over the
+            schedule's steps, to `ExponentialTemperature(5, 200)` for masks
+            with a threshold per output unit and `ExponentialTemperature(2, 5)`
+            for masks with a threshold per weight (a sharp mask stops a
+            per-weight threshold from learning: it gets gradient from its own
+            weight only) and for `granularity="neuron"` (whose threshold
+            likewise sees one number, the unit's RMS).
+        min_density: Per-mask floor on the density. Defaults to `0.01`.
+        freeze_at_end: Freeze and hard-prune every mask at
+            `schedule.end_step`. Defaults to `True`.
         gain: Feedback gain: how many e-folds `log(penalty)` moves over the
             whole ramp (`end_step - begin_step`, at least 200 steps) per unit
-            of log-density error, so the feedback keeps pace with short and
-            long schedules alike. Defaults to `200`.
+            of log-density error. Defaults to `200`.
         relax: Fraction of `gain` used to lower the penalty after an
             overshoot. Defaults to `0.1`.
         initial_penalty, min_penalty, max_penalty: Starting value and bounds
             of the penalty strength.
-        update_every: Steps between two measurements and updates. Defaults to 1.
-        layers: The layers to drive; defaults to every `SparseLinear` of the
-            model.
+        update_every: Steps between two updates of the strength. Defaults
+            to 1 (it costs a few scalar operations per step).
+        layers: The sparse layers to drive; defaults to every sparse layer
+            of the model.
+        resume: Continue from the state saved in the masks (default); with
+            `False`, start the schedule again from step 0.
 
     Example:
 
     ```python
     model.fit(x, y, epochs=40, callbacks=[
-        keras_sparse.SparsityScheduler(
-            keras_sparse.PolynomialDecay(0.95, begin_step=0, end_step=1800))])
+        keras_sparse.SparsityScheduler(keras_sparse.PolynomialDecay(0.95, end_fraction=0.75))])
     ```
     """
 
@@ -113,12 +135,11 @@ class SparsityScheduler(keras.callbacks.Callback):
         max_penalty=1e3,
         update_every=1,
         layers=None,
+        resume=True,
     ):
         super().__init__()
-        if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-            from keras_sparse.schedules import ConstantSparsity
-
-            schedule = ConstantSparsity(schedule)
+        if isinstance(schedule, (int, float, np.floating)) and not isinstance(schedule, bool):
+            schedule = ConstantSparsity(float(schedule))
         if not isinstance(schedule, SparsitySchedule):
             raise TypeError(
                 "Received an invalid value for `schedule`, expected a SparsitySchedule "
@@ -129,7 +150,11 @@ class SparsityScheduler(keras.callbacks.Callback):
                 f"Received an invalid value for `scope`, expected one of {_SCOPES}. "
                 f"Received: scope={scope!r}"
             )
-        if not (isinstance(min_density, (int, float)) and 0.0 <= min_density < 1.0):
+        if not (
+            isinstance(min_density, (int, float, np.number))
+            and not isinstance(min_density, bool)
+            and 0.0 <= min_density < 1.0
+        ):
             raise ValueError(
                 "Received an invalid value for `min_density`, expected a number in [0, 1). "
                 f"Received: min_density={min_density!r}"
@@ -140,22 +165,21 @@ class SparsityScheduler(keras.callbacks.Callback):
                 f"min_penalty={min_penalty}, initial_penalty={initial_penalty}, "
                 f"max_penalty={max_penalty}"
             )
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        if (
+            isinstance(update_every, bool)
+            or not isinstance(update_every, (int, np.integer))
+            or update_every < 1
+        ):
             raise ValueError(
                 "Received an invalid value for `update_every`, expected a positive integer. "
                 f"Received: update_every={update_every!r}"
             )
-        end = max(schedule.end_step, schedule.begin_step + 1)
-        # A per-neuron threshold always has some of its weights inside the
-        # mask's transition band, so it keeps learning as the mask sharpens.
-        # A per-weight threshold gets gradient only from its own weight, which
-        # a sharp mask cuts off (pitfall 4 of the notes): it stays softer.
-        # So does a neuron-granularity threshold, which sees one RMS only (on
-        # LeNet-300-100 at 90%, the sharp schedule left fc2 one neuron).
-        self._default_temperatures = {
-            True: ExponentialTemperature(5.0, 200.0, schedule.begin_step, end),
-            False: ExponentialTemperature(2.0, 5.0, schedule.begin_step, end),
-        }
+        for name, value in (("freeze_at_end", freeze_at_end), ("resume", resume)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(
+                    f"Received an invalid value for `{name}`, expected a bool. "
+                    f"Received: {name}={value!r}"
+                )
         self.schedule = schedule
         self.scope = scope
         self.temperature_schedule = temperature
@@ -164,230 +188,358 @@ class SparsityScheduler(keras.callbacks.Callback):
         self.gain = float(gain)
         self.relax = float(relax)
         self.min_penalty, self.max_penalty = float(min_penalty), float(max_penalty)
-        self.update_every = update_every
+        self.initial_penalty = float(initial_penalty)
+        self.update_every = int(update_every)
+        self.resume = bool(resume)
         self._requested_layers = layers
-        self._log_penalty = None
-        self.step = 0  # training steps seen, across successive `fit` calls
+        self.step = 0  # training steps driven, across `fit` calls and reloads
         self.frozen = False
-        self._layers = None
-        self._weight_scale = None
-        self._initial_penalty = float(initial_penalty)
+        self._masks = None
 
     # ------------------------------------------------------------ lifecycle
 
     def on_train_begin(self, logs=None):
-        if self._layers is None:
-            layers = self._requested_layers or sparse_layers(self.model)
-            if not layers:
-                raise ValueError(
-                    "SparsityScheduler found no SparseLinear layer in the model "
-                    f"'{self.model.name}'. Convert Dense layers with keras_sparse.sparsify()."
-                )
-            self._layers = list(layers)
-            # The scale each layer's temperature is relative to, fixed at the
-            # start so that pruning (which removes small weights) does not
-            # change what a temperature means.
-            self._weight_scale = [_kernel_std(layer) for layer in self._layers]
-            count = len(self._layers) if self.scope == "per_layer" else 1
-            self._log_penalty = np.full(count, math.log(self._initial_penalty))
-        self._update()
+        self._steps = self._resolved_schedule()
+        layers = self._requested_layers or sparse_layers(self.model)
+        if not layers:
+            raise ValueError(
+                "SparsityScheduler found no sparse layer in the model "
+                f"'{self.model.name}'. Convert its layers with keras_sparse.sparsify()."
+            )
+        self._masks, self._names = [], []
+        for layer, name in zip(layers, display_names(self.model, layers)):
+            layer._require_built("SparsityScheduler")
+            masks = layer.masks
+            for kernel_name, mask in masks.items():
+                self._masks.append(mask)
+                self._names.append(name if len(masks) == 1 else f"{name}/{kernel_name}")
+        self.model  # noqa: B018 -- on JAX, reading `model` syncs the variables from the train state
+        with _host_reads():
+            self._start()
+        self._epoch_start = self.step
+        if not self.frozen:
+            for mask in self._masks:
+                mask.driver = self
+        self._retrace()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.step
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.step % self.update_every == 0:
-            self._update()
+        if not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0:
+            self.model  # noqa: B018 -- JAX: sync the variables before reading them
+            with _host_reads():
+                self._freeze(self._steps(self.step))
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if logs is not None and self._last_stats is not None:
-            logs["sparsity"] = self._last_stats["sparsity"]
+        self.step = self._epoch_start + int(batch) + 1
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
-        densities = [layer.density() for layer in self._layers]
-        total = sum(layer.kernel.shape[0] * layer.kernel.shape[1] for layer in self._layers)
-        active = sum(layer.num_active() for layer in self._layers)
-        logs["sparsity"] = 1.0 - active / total
-        logs["target_sparsity"] = self.schedule(self.step)
-        logs["relative_temperature"] = self._relative_temperature(self._layers[0], self.step)
-        for layer, density in zip(self._layers, densities):
-            logs[f"density/{layer.name}"] = density
-            logs[f"threshold_mean/{layer.name}"] = float(
-                np.mean(ops.convert_to_numpy(layer.threshold))
-            )
+        with _host_reads():
+            self._check_finite(logs)
+            logs.update(self.statistics())
 
     def on_train_end(self, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
+        for mask in self._masks or ():
+            mask.driver = None
         if self.frozen:
             # Re-apply the frozen masks to the raw kernels (an optimizer's
             # momentum may have moved values whose gradient was zero).
-            for layer in self._layers:
-                layer.hard_prune()
+            for mask in self._masks:
+                mask.hard_prune()
+        elif self._masks:
+            self._warn_unfinished()
+        self._retrace()
 
-    # -------------------------------------------------------------- control
+    # ------------------------------------------------------------ helpers
 
-    _last_stats = None
+    def _resolved_schedule(self):
+        params = self.params or {}
+        try:
+            schedule = self.schedule.resolve(params.get("steps"), params.get("epochs"))
+        except ValueError as error:
+            raise ValueError(f"SparsityScheduler cannot place its schedule: {error}") from None
+        try:
+            schedule(ops.convert_to_tensor(0.0))
+        except Exception as error:
+            raise TypeError(
+                f"The schedule {self.schedule!r} must accept a tensor step (write it with "
+                "keras.ops), as the driver evaluates it inside the train step. "
+                f"Calling it on a tensor raised: {error!r}"
+            ) from error
+        return schedule
 
-    def _update(self):
-        step = self.step
-        if self.frozen:
-            return
-        self.model  # noqa: B018 -- on JAX, reading `model` syncs the variables from the train state
-        if self.freeze_at_end and step >= self.schedule.end_step > 0:
-            self._freeze(self.schedule(step))
-            return
-        sizes = np.array([np.prod(layer.kernel.shape) for layer in self._layers], dtype=float)
-        active = np.array([layer.num_active() for layer in self._layers], dtype=float)
-        densities = active / sizes
-        target = self.schedule(step)
+    def _groups(self):
         if self.scope == "global":
-            measured = np.array([active.sum() / sizes.sum()])
-            shares = sizes / sizes.sum()
-        else:
-            measured = densities
-            shares = np.ones(len(self._layers))
-        if target > 0:
-            # Error in log-density: one point of sparsity matters more at 98%
-            # (2% -> 1% halves the model) than at 50%.
-            errors = np.clip(np.log(np.maximum(measured, 1e-9) / (1.0 - target)), -1.0, 1.0)
-            # Pruning is hard to undo, so an overshoot only slowly relaxes the
-            # penalty (no wind-down to nothing while the schedule catches up).
-            rate = self.gain / max(self.schedule.end_step - self.schedule.begin_step, 200)
-            rates = np.where(errors > 0, rate, rate * self.relax)
-            self._log_penalty = np.clip(
-                self._log_penalty + rates * errors * self.update_every,
-                math.log(self.min_penalty),
-                math.log(self.max_penalty),
-            )
-            # No force at all while at or past the target: the task loss may
-            # then lower thresholds again. With Adam, thresholds move at about
-            # the learning rate whatever the penalty's size, so a small
-            # leftover penalty would still prune (per-weight thresholds most).
-            penalties = np.exp(self._log_penalty) * shares * (errors > 0)
-        else:
-            penalties = np.zeros(len(self._layers))
-        penalties[densities <= self.min_density] = 0.0  # the floor
-        for layer, penalty, scale in zip(self._layers, penalties, self._weight_scale):
-            layer.sparsity_penalty.assign(float(penalty))
-            layer.temperature = self._relative_temperature(layer, step) / scale
-        self._last_stats = {"sparsity": 1.0 - active.sum() / sizes.sum()}
+            return [self._masks]
+        return [[mask] for mask in self._masks]
 
-    def _relative_temperature(self, layer, step):
-        sees_many_weights = layer.is_structured and layer.granularity != "neuron"
-        schedule = self.temperature_schedule or self._default_temperatures[sees_many_weights]
-        return float(schedule(step))
+    def _start(self):
+        """Resume from (or reset) the masks' state; set what a fresh start needs."""
+        states = [ops.convert_to_numpy(mask.sparsity_state) for mask in self._masks]
+        if not self.resume:
+            states = [np.zeros(len(STATE_FIELDS), "float32") for _ in self._masks]
+            for mask in self._masks:
+                mask.frozen = False
+        self.step = int(states[0][_STEP])
+        self.frozen = bool(states[0][_FROZEN] > 0)
+        for mask, state in zip(self._masks, states):
+            state = np.array(state, "float32")
+            if state[_SCALE] <= 0:
+                state[_SCALE] = _alive_std(mask)
+            if state[_STEP] == 0 and not self.frozen:
+                state[_LOG_PENALTY] = math.log(self.initial_penalty)
+            mask.sparsity_state.assign(state)
+            mask.frozen = self.frozen
+            if not self.frozen:
+                relative = self._relative_schedule(mask)(self.step)
+                mask._temperature.assign(relative / float(state[_SCALE]))
+
+    def _retrace(self):
+        # The driver, and the freeze, change what a training step computes.
+        if getattr(self.model, "train_function", None) is not None:
+            self.model.make_train_function(force=True)
+
+    def _relative_schedule(self, mask):
+        if self.temperature_schedule is not None:
+            return self.temperature_schedule
+        begin, end = self._steps.begin_step, max(self._steps.end_step, self._steps.begin_step + 1)
+        if mask.options.structured and mask.options.granularity != "neuron":
+            # A per-unit threshold always has some of its weights inside the
+            # mask's transition band, so it keeps learning as the mask sharpens.
+            return ExponentialTemperature(5.0, 200.0, begin, end)
+        # A per-weight threshold gets gradient only from its own weight, which
+        # a sharp mask cuts off; a neuron threshold sees one RMS only.
+        return ExponentialTemperature(2.0, 5.0, begin, end)
+
+    # ------------------------------------------- the feedback, in the graph
+
+    def drive(self, mask, count):
+        """One driven training step of `mask`, inside the traced train step.
+
+        Called by the mask's forward pass with its hard count. Advances its
+        step, sets its temperature, records its density and, for the first
+        mask of a group, updates the group's penalty strength and writes
+        every member's penalty.
+        """
+        state = mask.sparsity_state
+        step, scale = state[_STEP], state[_SCALE]
+        density = count / mask.size
+        mask._temperature.assign(self._relative_schedule(mask)(step) / scale)
+        log_penalty = state[_LOG_PENALTY]
+        group = self._group_of(mask)
+        if group[0] is mask:
+            log_penalty = self._control(group, density, step, log_penalty)
+        state.assign(ops.stack([step + 1.0, log_penalty, density, scale, ops.zeros_like(step)]))
+
+    def _group_of(self, mask):
+        if self.scope == "global":
+            return self._masks
+        return [mask]
+
+    def _control(self, group, leader_density, step, log_penalty):
+        sizes = np.array([m.size for m in group], dtype="float64")
+        densities = [leader_density] + [m.state("hard_density") for m in group[1:]]
+        densities = ops.stack(densities)
+        measured = ops.sum(densities * (sizes / sizes.sum()).astype("float32"))
+        target = self._steps(step)
+        # Error in log-density: one point of sparsity matters more at 98%
+        # (2% -> 1% halves the model) than at 50%.
+        error = ops.clip(ops.log(ops.maximum(measured, 1e-9) / (1.0 - target)), -1.0, 1.0)
+        ramp = max(self._steps.end_step - self._steps.begin_step, 200)
+        # Pruning is hard to undo, so an overshoot only slowly relaxes the
+        # penalty (no wind-down to nothing while the schedule catches up).
+        rate = ops.where(error > 0, self.gain / ramp, self.gain / ramp * self.relax)
+        updating = ops.logical_and(
+            ops.logical_and(target > 0, ops.isfinite(error)),
+            ops.equal(ops.mod(step, float(self.update_every)), 0.0),
+        )
+        moved = ops.clip(
+            log_penalty + rate * error * float(self.update_every),
+            math.log(self.min_penalty),
+            math.log(self.max_penalty),
+        )
+        log_penalty = ops.where(updating, moved, log_penalty)
+        # No force at all while at or past the target: the task loss may then
+        # lower thresholds again. With Adam, thresholds move at about the
+        # learning rate whatever the penalty's size, so a small leftover
+        # penalty would still prune.
+        pushing = ops.logical_and(target > 0, error > 0)
+        strength = ops.where(pushing, ops.exp(log_penalty), 0.0)
+        shares = sizes / sizes.sum() if self.scope == "global" else np.ones(len(group))
+        for i, (member, share) in enumerate(zip(group, shares)):
+            above_floor = ops.cast(densities[i] > self.min_density, "float32")
+            member.sparsity_penalty.assign(strength * float(share) * above_floor)
+        return log_penalty
+
+    # --------------------------------------------------------------- freeze
 
     def _freeze(self, target):
-        """Fix every mask at exactly the target sparsity, then `hard_prune()`.
+        """Fix every mask at exactly the target sparsity, then `hard_prune()`, on the device.
 
         The feedback leaves the sparsity within a few tenths of a point of the
         target; the rest of the gap is closed by ranking on the learned margin
-        `(|w| - threshold) / weight_scale`: the weights nearest to being pruned
-        go first (or come back first after an overshoot). Within a neuron this
-        ranking is the magnitude order, so the result is still a threshold per
-        neuron (structured) or per weight. What is ranked follows each layer's
-        granularity: with `"neuron"`, whole neurons on `(rms(w) - threshold) /
-        weight_scale` (the target is then met to the nearest neuron); with
-        `"n:m"`, only the weights of the N:M pattern (the others stay pruned,
-        so a layer never keeps more than n of m).
+        `(|w| - threshold) / weight_scale`: the weights nearest to being
+        pruned go first (or come back first after an overshoot). Within an
+        output unit this ranking is the magnitude order, so the result is
+        still one threshold per unit (structured) or per weight. What is
+        ranked follows each mask's granularity: with `"neuron"`, whole units
+        on `(rms(w) - threshold) / weight_scale` (the target is then met to
+        the nearest unit); with `"n:m"`, only the weights of the N:M pattern
+        (the others stay pruned, so a mask never keeps more than n of m).
+        Each mask first keeps its floor (`min_density`) of best margins.
         """
-        groups = [[i] for i in range(len(self._layers))]
-        if self.scope == "global":
-            groups = [list(range(len(self._layers)))]
-        for group in groups:
-            candidates = [_candidates(self._layers[i], self._weight_scale[i]) for i in group]
-            total = sum(int(np.prod(self._layers[i].kernel.shape)) for i in group)
-            n_keep = int(round((1.0 - target) * total))
-            # Each layer's floor first, then the best remaining margins overall.
-            chosen = []
-            for i, (margins, size, _) in zip(group, candidates):
-                floor = int(math.ceil(self.min_density * np.prod(self._layers[i].kernel.shape)))
-                order = np.argsort(-margins, kind="stable")
-                c = np.zeros(margins.shape, bool)
-                c[order[: _count_at_least(np.full(len(order), size), floor)]] = True
-                chosen.append(c)
-            rest = n_keep - sum(int(c.sum()) * size for c, (_, size, _) in zip(chosen, candidates))
+        self._check_finite_weights()
+        for group in self._groups():
+            candidates = [_candidates(mask) for mask in group]
+            total = sum(mask.size for mask in group)
+            budget = int(round((1.0 - target) * total))
+            chosen, held_by_floor = [], 0
+            for mask, (margins, unit, _) in zip(group, candidates):
+                floor_units = math.ceil(math.ceil(self.min_density * mask.size) / unit)
+                chosen.append(_rank(margins) < floor_units)
+                held_by_floor += min(floor_units, int(margins.shape[0])) * unit
+            rest = budget - held_by_floor
             if rest > 0:
-                pool = np.concatenate(
-                    [np.where(c, -np.inf, m) for c, (m, _, _) in zip(chosen, candidates)]
+                pool = ops.concatenate(
+                    [ops.where(c, -np.inf, m) for c, (m, _, _) in zip(chosen, candidates)]
                 )
-                sizes = np.concatenate(
-                    [np.full(c.size, size) for c, (_, size, _) in zip(chosen, candidates)]
-                )
-                best = np.argsort(-pool, kind="stable")
-                best = best[: _count_closest(sizes[best], rest)]
-                flat = np.concatenate(chosen)
-                flat[best] = True
-                offsets = np.cumsum([0] + [c.size for c in chosen])
-                chosen = [flat[a:b] for a, b in zip(offsets, offsets[1:])]
-            for i, c, (margins, _, to_kernel) in zip(group, chosen, candidates):
-                _prune_exactly(self._layers[i], to_kernel(c & np.isfinite(margins)))
-        for layer in self._layers:
-            layer.sparsity_penalty.assign(0.0)
+                units = np.concatenate(
+                    [np.full(int(c.shape[0]), unit) for c, (_, unit, _) in zip(chosen, candidates)]
+                ).astype("int32")
+                order = ops.argsort(-pool)
+                held = ops.cumsum(ops.take(ops.convert_to_tensor(units), order))
+                held = ops.concatenate([ops.zeros((1,), "int32"), held])
+                # As many of the best as hold closest to the budget (fewer on a tie).
+                count = ops.argmin(ops.abs(held - rest))
+                picked = _rank(pool) < count
+                offsets = np.cumsum([0] + [int(c.shape[0]) for c in chosen])
+                chosen = [
+                    ops.logical_or(c, picked[a:b])
+                    for c, a, b in zip(chosen, offsets[:-1], offsets[1:])
+                ]
+            for mask, c, (margins, _, to_kernel) in zip(group, chosen, candidates):
+                keep = to_kernel(ops.logical_and(c, ops.isfinite(margins)))
+                mask.prune_mask.assign(ops.logical_and(mask.prune_mask, keep))
+                mask.threshold.assign(ops.zeros(mask.threshold.shape))
+                mask.hard_prune()
+        for mask in self._masks:
+            mask.sparsity_penalty.assign(0.0)
+            state = mask.sparsity_state
+            state.assign(ops.concatenate([state[:_FROZEN], ops.ones((1,))]))
+            mask.frozen = True
+            mask.driver = None
         self.frozen = True
+        self._retrace()
+
+    # ------------------------------------------------------------- reports
+
+    def statistics(self):
+        """The scalars the scheduler logs at each epoch's end, measured now on the device."""
+        sizes = [mask.size for mask in self._masks]
+        active = [mask.num_active() for mask in self._masks]
+        stats = {
+            "sparsity": 1.0 - sum(active) / sum(sizes),
+            "target_sparsity": float(self._steps(self.step)),
+            "relative_temperature": _scalar(
+                self._masks[0]._temperature * self._masks[0].state("weight_scale")
+            ),
+            "sparsity_loss": sum(_scalar(_penalty_term(mask)) for mask in self._masks),
+        }
+        for name, mask, count in zip(self._names, self._masks, active):
+            stats[f"density/{name}"] = count / mask.size
+            stats[f"threshold_mean/{name}"] = _scalar(ops.mean(mask.threshold))
+        return stats
+
+    def _check_finite(self, logs):
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._check_finite_weights(f"the loss is {float(loss)}")
+            raise FloatingPointError(
+                f"SparsityScheduler: the training loss is {float(loss)} at step {self.step}; "
+                "no mask was frozen from it. Lower the learning rate, or check the data "
+                "for NaN or inf."
+            )
+        self._check_finite_weights()
+
+    def _check_finite_weights(self, why=None):
+        for name, mask in zip(self._names, self._masks):
+            bad = _scalar(ops.sum(ops.cast(ops.logical_not(ops.isfinite(mask.kernel)), "float32")))
+            if bad:
+                raise FloatingPointError(
+                    f"SparsityScheduler: {int(bad)} weights of '{name}' are NaN or infinite at "
+                    f"step {self.step}" + (f" ({why})" if why else "") + "; no mask was "
+                    "frozen from them. Lower the learning rate, or check the data for NaN or "
+                    "inf."
+                )
+
+    def _warn_unfinished(self):
+        end = self._steps.end_step
+        if self.step >= end:
+            return
+        stats = self.statistics()
+        warnings.warn(
+            f"SparsityScheduler: training stopped at step {self.step}, before the schedule's "
+            f"end (step {end}, {self.schedule!r}): sparsity reached {stats['sparsity']:.4f} of "
+            f"{self._steps.final_sparsity:.4f}"
+            + (", and the masks are not frozen" if self.freeze_at_end else "")
+            + ". Train for more epochs, or end the schedule earlier "
+            "(end_step, end_epoch, or end_fraction=0.75 of the run).",
+            stacklevel=2,
+        )
 
 
-def _candidates(layer, scale):
-    """`(margins, size, to_kernel)`: what `_freeze` ranks in `layer`.
-
-    `margins` is flat, `-inf` for what is already pruned (or outside the
-    N:M pattern); each candidate stands for `size` weights; `to_kernel`
-    turns a boolean choice over the candidates into a kernel-shaped keep set.
-    """
-    kernel = ops.convert_to_numpy(layer.kernel)
-    threshold = ops.convert_to_numpy(layer.threshold)
-    prune_mask = ops.convert_to_numpy(layer.prune_mask)
-    alive = prune_mask > 0
-    if layer.granularity == "neuron":
-        scores = neuron_scores_numpy(kernel, prune_mask)
-        margins = np.where(alive.any(axis=0), (scores - threshold) / scale, -np.inf)
-        return margins, kernel.shape[0], lambda c: np.broadcast_to(c, kernel.shape)
-    if layer.granularity == "n:m":
-        alive &= n_m_keep_numpy(np.abs(kernel) * prune_mask, *layer.n_m)
-    margins = np.where(alive, (np.abs(kernel) - threshold) / scale, -np.inf)
-    return margins.ravel(), 1, lambda c: c.reshape(kernel.shape)
+def _penalty_term(mask):
+    """The penalty this mask adds to the loss, `sparsity_penalty * mean(soft mask)`, now."""
+    return mask.sparsity_penalty * ops.mean(mask.soft(mask.kernel))
 
 
-def _count_at_least(sizes, budget):
-    """How many of the first `sizes` it takes to hold `budget` weights (all if never)."""
-    if budget <= 0:
-        return 0
-    return int(np.searchsorted(np.cumsum(sizes), budget)) + 1
-
-
-def _count_closest(sizes, budget):
-    """How many of the first `sizes` hold closest to `budget` weights (fewer on a tie)."""
-    totals = np.concatenate([[0], np.cumsum(sizes)])
-    return int(np.argmin(np.abs(totals - budget)))
-
-
-def _prune_exactly(layer, keep):
-    """`hard_prune()` the layer so that exactly the weights in `keep` survive."""
-    if layer.granularity != "weight":
-        # Whole neurons, or weights inside the N:M pattern: `prune_mask`
-        # records the choice and no threshold is left to prune more.
-        prune_mask = ops.convert_to_numpy(layer.prune_mask)
-        layer.prune_mask.assign(np.logical_and(prune_mask, keep))
-        layer.reset_threshold(0.0)
-        layer.hard_prune()
-        return
-    magnitude = np.abs(ops.convert_to_numpy(layer.kernel))
-    above = np.nextafter(magnitude, np.inf)  # a threshold that prunes the weight
-    if layer.is_structured:
-        kept = np.where(keep, magnitude, np.inf)
-        threshold = np.min(kept, axis=0)
-        threshold = np.where(np.isfinite(threshold), threshold, above.max(axis=0))
-        # Ties with the column's cut are resolved by the keep set itself.
-        layer.reset_threshold(threshold.astype("float32"))
-        layer.prune_mask.assign(np.logical_and(ops.convert_to_numpy(layer.prune_mask), keep))
-    else:
-        layer.reset_threshold(np.where(keep, 0.0, above).astype("float32"))
-    layer.hard_prune()
-
-
-def _kernel_std(layer):
-    kernel = ops.convert_to_numpy(layer.kernel)
-    alive = kernel[ops.convert_to_numpy(layer.prune_mask) > 0]
-    std = float(np.std(alive)) if alive.size else 0.0
+def _alive_std(mask):
+    """Standard deviation of the weights that are not pruned (1.0 if there are none)."""
+    kernel = ops.convert_to_tensor(mask.kernel)
+    alive = ops.cast(mask.prune_mask, "float32")
+    count = ops.maximum(ops.sum(alive), 1.0)
+    mean = ops.sum(kernel * alive) / count
+    std = _scalar(ops.sqrt(ops.sum(ops.square((kernel - mean) * alive)) / count))
     return std if std > 0 and math.isfinite(std) else 1.0
+
+
+def _rank(values):
+    """Each entry's rank in descending order (0 for the largest), as an int tensor."""
+    return ops.argsort(ops.argsort(-values))
+
+
+def _candidates(mask):
+    """`(margins, unit, to_kernel)`: what `_freeze` ranks in `mask`, on the device.
+
+    `margins` is flat, `-inf` for what is already pruned (or outside the N:M
+    pattern); each candidate stands for `unit` weights; `to_kernel` turns a
+    boolean choice over the candidates into a kernel-shaped keep set.
+    """
+    from keras_sparse.granularity import n_m_keep, neuron_scores
+
+    kernel = ops.convert_to_tensor(mask.kernel)
+    threshold = mask._broadcast(ops.convert_to_tensor(mask.threshold))
+    scale = mask.state("weight_scale")
+    alive = ops.convert_to_tensor(mask.prune_mask)
+    alive_float = ops.cast(alive, "float32")
+    if mask.options.granularity == "neuron":
+        scores = neuron_scores(kernel, alive_float, mask.reduce_axes)
+        units_alive = ops.any(alive, axis=mask.reduce_axes, keepdims=True)
+        margins = ops.where(units_alive, (scores - threshold) / scale, -np.inf)
+        unit = mask.size // math.prod(mask.unit_shape)
+
+        def to_kernel(chosen):
+            return ops.broadcast_to(ops.reshape(chosen, mask.broadcast_shape), mask.shape)
+
+        return ops.reshape(margins, (-1,)), unit, to_kernel
+    magnitude = ops.abs(kernel)
+    if mask.options.granularity == "n:m":
+        pattern = n_m_keep(magnitude * alive_float, *mask.options.n_m, mask.n_m_axis)
+        alive = ops.logical_and(alive, pattern)
+    margins = ops.where(alive, (magnitude - threshold) / scale, -np.inf)
+    return ops.reshape(margins, (-1,)), 1, lambda chosen: ops.reshape(chosen, mask.shape)

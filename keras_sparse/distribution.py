@@ -1,16 +1,17 @@
-"""Layout maps for `SparseLinear` under `keras.distribution` (model parallelism).
+"""Layout maps for sparse layers under `keras.distribution` (model parallelism).
 
-`SparseLinear` carries more weights than `Dense`, and their shapes depend on
-the layer: the unstructured threshold has the kernel's shape, the per-neuron
-(structured) threshold has the bias's, and `prune_mask` always has the
-kernel's. A `LayoutMap` written for `Dense` therefore either leaves the extra
-weights replicated or, with a broad regex, hands a 2-D layout to a 1-D
-threshold. `get_layout_map()` writes every entry for you, consistent with
-each other; `validate_layout_map()` checks a hand-written map against a model.
+A sparse layer carries more weights than its stock layer, and their shapes
+depend on the layer: an unstructured threshold has the kernel's shape, a
+per-unit threshold has the shape of the kernel's output axes, and
+`prune_mask` always has the kernel's. A `LayoutMap` written for the stock
+layers therefore either leaves the extra weights replicated or, with a
+broad regex, hands a kernel's layout to a smaller threshold.
+`get_layout_map()` writes every entry for you, consistent with each other;
+`validate_layout_map()` checks a hand-written map against a model.
 
 Only the JAX backend shards variables through `keras.distribution`;
 TensorFlow (`tf.distribute`) and PyTorch (DDP) replicate the layer unchanged
-and need no layout map (see the README section "Scaling out").
+and need no layout map (see the distributed-training guide).
 """
 
 from __future__ import annotations
@@ -19,26 +20,85 @@ import re
 
 import keras
 
-from keras_sparse.layer import SparseLinear
+from keras_sparse.layers import SparseKernelMixin
+from keras_sparse.walk import walk_layers
 
 __all__ = ["get_layout_map", "validate_layout_map"]
 
-# The weights `SparseLinear.build()` creates, by name.
-_WEIGHTS = ("kernel", "bias", "threshold", "prune_mask", "temperature", "sparsity_penalty")
+_TRANSPOSED = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
 
-def _layer_axes(kernel_axes, structured):
-    """Axes of every weight of one layer, derived from the kernel's axes."""
-    kernel_axes = tuple(kernel_axes)
-    out_axes = (kernel_axes[1],)
-    return {
-        "kernel": kernel_axes,
-        "bias": out_axes,
-        "threshold": out_axes if structured else kernel_axes,
-        "prune_mask": kernel_axes,
-        "temperature": (),
-        "sparsity_penalty": (),
-    }
+class _Kernel:
+    """What a layout needs to know of one pruned kernel: rank, output axes, names, shape."""
+
+    def __init__(self, name, rank, output_axes, prefix, shape):
+        self.name, self.rank, self.prefix = name, rank, prefix
+        self.output_axes = tuple(sorted(a % rank for a in output_axes))
+        self.shape = tuple(shape) if shape is not None else (None,) * rank
+
+    def axes(self, kernel_axes, structured, has_bias):
+        """`{weight name: axes}` of this kernel and its mask, from the kernel's axes."""
+        units = tuple(kernel_axes[a] for a in self.output_axes)
+        entries = {
+            self.name: tuple(kernel_axes),
+            self.prefix + "threshold": units if structured else tuple(kernel_axes),
+            self.prefix + "prune_mask": tuple(kernel_axes),
+            self.prefix + "temperature": (),
+            self.prefix + "sparsity_penalty": (),
+            self.prefix + "sparsity_state": (None,),
+        }
+        if has_bias:
+            entries["bias"] = units if len(units) == 1 else (None,)
+        return entries
+
+
+def _known_shape(layer, name, rank):
+    """The kernel's shape where the layer knows it, `None` for dimensions it does not."""
+    if layer.built:
+        return tuple(int(d) for d in getattr(layer, "_" + name).shape)
+    kernel_size = tuple(getattr(layer, "kernel_size", ()) or ())
+    if isinstance(layer, keras.layers.Embedding):
+        return (layer.input_dim, layer.output_dim)
+    if isinstance(layer, keras.layers.Dense):
+        return (None, layer.units)
+    if name == "pointwise_kernel":
+        return (1,) * len(kernel_size) + (None, layer.filters)
+    if isinstance(layer, _DEPTHWISE) or name == "depthwise_kernel":
+        return kernel_size + (None, layer.depth_multiplier)
+    if isinstance(layer, _TRANSPOSED):
+        return kernel_size + (layer.filters, None)
+    if hasattr(layer, "filters"):
+        return kernel_size + (None, layer.filters)
+    return (None,) * rank
+
+
+def _kernels(layer):
+    """The `_Kernel`s of a sparse layer, built or not."""
+    kernels = []
+    for name, spec in layer.masked_kernels.items():
+        output_axes = spec.output_axes
+        if callable(output_axes):
+            output_axes, _ = output_axes(layer)
+            rank = len(layer.equation.split("->")[0].split(",")[1].strip())
+        elif layer.built:
+            rank = len(getattr(layer, "_" + name).shape)
+        elif isinstance(layer, (keras.layers.Dense, keras.layers.Embedding)):
+            rank = 2
+        else:
+            rank = layer.rank + 2
+        kernels.append(
+            _Kernel(name, rank, output_axes, spec.prefix, _known_shape(layer, name, rank))
+        )
+    return kernels
+
+
+def _has_bias(layer):
+    return bool(getattr(layer, "use_bias", False)) or getattr(layer, "bias", None) is not None
 
 
 def _mesh_axis_sizes(device_mesh):
@@ -46,16 +106,11 @@ def _mesh_axis_sizes(device_mesh):
 
 
 def _sparse_layers(obj):
-    """Every `SparseLinear` in `obj` (itself, or nested at any depth)."""
-    if isinstance(obj, SparseLinear):
+    """Every sparse layer in `obj` (itself, or nested at any depth)."""
+    if isinstance(obj, SparseKernelMixin):
         return [obj]
     if isinstance(obj, keras.layers.Layer):
-        # `_flatten_layers` walks nested models and layers held in attributes.
-        return [
-            layer
-            for layer in obj._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, SparseLinear)
-        ]
+        return [layer for layer in walk_layers(obj) if isinstance(layer, SparseKernelMixin)]
     return None
 
 
@@ -82,14 +137,14 @@ def _check_axes(kernel_axes, device_mesh, model_dim, data_dim):
                 f"device mesh. Expected one of {tuple(device_mesh.axis_names)}."
             )
     if kernel_axes is None:
-        return (None, model_dim)
+        return None
     kernel_axes = tuple(kernel_axes)
-    if len(kernel_axes) != 2 or any(
+    if len(kernel_axes) < 2 or any(
         axis is not None and axis not in device_mesh.axis_names for axis in kernel_axes
     ):
         raise ValueError(
-            "Received an invalid value for `kernel_axes`, expected two mesh axis names "
-            f"or None, from {tuple(device_mesh.axis_names)}. Received: "
+            "Received an invalid value for `kernel_axes`, expected one mesh axis name or "
+            f"None per kernel dimension, from {tuple(device_mesh.axis_names)}. Received: "
             f"kernel_axes={kernel_axes!r}"
         )
     named = [axis for axis in kernel_axes if axis is not None]
@@ -101,20 +156,23 @@ def _check_axes(kernel_axes, device_mesh, model_dim, data_dim):
     return kernel_axes
 
 
+def _default_axes(kernel, model_dim):
+    """Shard the kernel's first output axis (units, filters, heads, rows); replicate the rest."""
+    axes = [None] * kernel.rank
+    axes[kernel.output_axes[0]] = model_dim
+    return tuple(axes)
+
+
 def _layer_variables(layer):
-    """`{weight name: variable}` of a built `SparseLinear`."""
-    return {
-        "kernel": layer.kernel,
-        "bias": layer.bias,
-        "threshold": layer.threshold,
-        "prune_mask": layer.prune_mask,
-        "temperature": layer._temperature,
-        "sparsity_penalty": layer.sparsity_penalty,
-    }
+    """`{weight name: variable}` of a built sparse layer."""
+    found = {}
+    for variable in layer.weights:
+        found.setdefault(variable.path.split("/")[-1], variable)
+    return found
 
 
 def _targets(layers, structured):
-    """`(name regex, SparseLinear or None, structured)` for each target."""
+    """`(name regex, layer or None, structured)` for each target."""
     if isinstance(layers, (str, keras.layers.Layer)):
         layers = [layers]
     try:
@@ -140,8 +198,8 @@ def _targets(layers, structured):
             )
         if not found:
             raise ValueError(
-                f"No `SparseLinear` layer found in {getattr(item, 'name', item)!r}: there "
-                "is nothing to lay out."
+                f"No `SparseLinear` or other sparse layer found in "
+                f"{getattr(item, 'name', item)!r}: there is nothing to lay out."
             )
         targets.extend((re.escape(layer.name), layer, layer.structured) for layer in found)
     return targets
@@ -155,25 +213,28 @@ def get_layout_map(
     structured=None,
     kernel_axes=None,
 ):
-    """Get a `keras.distribution.LayoutMap` for the `SparseLinear` weights.
+    """Get a `keras.distribution.LayoutMap` for the weights of sparse layers.
 
-    The entries follow the kernel: by default the kernel is sharded on its
-    output dimension, `(None, "model")`, as `keras.distribution` lays out a
-    `Dense` kernel, and then
+    The entries follow each kernel: by default a kernel is sharded on its
+    first output axis (a Dense kernel's units, `(None, "model")`, as
+    `keras.distribution` lays out a `Dense` kernel; a conv kernel's filters;
+    an attention projection's heads; an embedding's rows), and then
 
-    | weight                          | layout             |
-    |---------------------------------|--------------------|
-    | `kernel`, `prune_mask`          | `(None, "model")`  |
-    | `bias`                          | `("model",)`       |
-    | `threshold`, `structured=True`  | `("model",)`, as the bias   |
-    | `threshold`, `structured=False` | `(None, "model")`, as the kernel |
-    | `temperature`, `sparsity_penalty` | `()`, replicated |
+    | weight | layout |
+    |:--|:--|
+    | kernel, `prune_mask` | the kernel's axes |
+    | `bias` | the kernel's axis at the output position |
+    | `threshold`, `structured=True` | the kernel's axes at the output positions |
+    | `threshold`, `structured=False` | the kernel's axes |
+    | `temperature`, `sparsity_penalty`, `sparsity_state` | replicated |
 
     so the mask `sigmoid((|kernel| - threshold) * temperature)` is computed
     shard by shard with no communication. With `kernel_axes` the kernel can
-    be laid out otherwise (`("model", None)` for a row-parallel layer,
+    be laid out otherwise (`("model", None)` for a row-parallel Dense,
     `("batch", "model")` for FSDP-style sharding as keras-hub's Gemma does);
-    the other weights follow it by the same rules.
+    the other weights follow it by the same rules. Layers with two pruned
+    kernels (separable convolutions) get entries for both, their mask
+    weights prefixed `depthwise_` and `pointwise_`.
 
     Example:
 
@@ -185,9 +246,8 @@ def get_layout_map(
     )
     model = make_model()  # without keras.Input: named layers, no weights yet
     layout_map = keras_sparse.get_layout_map(mesh, model)
-    # or by layer name, before any model exists:
+    # or by layer name (Dense-like 2-D kernels), before any model exists:
     #   layout_map = keras_sparse.get_layout_map(mesh, "hidden_.*", structured=True)
-    #   keras_sparse.get_layout_map(layout_map, "logits", structured=False)  # adds to it
 
     distribution = keras.distribution.ModelParallel(
         layout_map=layout_map, batch_dim_name="batch"
@@ -201,11 +261,11 @@ def get_layout_map(
     Args:
         device_mesh: A `keras.distribution.DeviceMesh`, or a `LayoutMap` to add
             the entries to (it is returned, updated in place).
-        layers: What to lay out: a Keras model or layer (every `SparseLinear`
-            in it, at any depth, is found by name; it need not be built, so a
+        layers: What to lay out: a Keras model or layer (every sparse layer in
+            it, at any depth, is found by name; it need not be built, so a
             blueprint of the model to be created under the distribution
-            works), a regex for layer names, or a list of those. The variables
-            are matched wherever the layer is nested
+            works), a regex for the names of `SparseLinear` layers, or a list
+            of those. The variables are matched wherever the layer is nested
             (`.../<layer name>/<weight>`), so the model's own name may differ.
         model_parallel_dim_name: The mesh axis the weights are sharded on.
         data_parallel_dim_name: The mesh axis the batch is split on; checked
@@ -213,13 +273,13 @@ def get_layout_map(
         structured: For regex entries of `layers` only (required there):
             whether those layers have per-neuron thresholds. A layer object
             knows its own.
-        kernel_axes: The kernel's layout, two mesh axis names or `None`.
-            Defaults to `(None, model_parallel_dim_name)`.
+        kernel_axes: The kernels' layout, one mesh axis name or `None` per
+            kernel dimension. Defaults to sharding the first output axis.
+            Every targeted kernel must then have that many dimensions.
 
-    Where a layer object tells a dimension's size and the mesh axis does
-    not divide it (e.g. 10 output classes on a 4-way model axis), that
-    dimension is replicated, in every weight alike, since JAX refuses
-    uneven shards.
+    Where a layer tells a dimension's size and the mesh axis does not divide
+    it (e.g. 10 output classes on a 4-way model axis), that dimension is
+    replicated, in every weight alike, since JAX refuses uneven shards.
 
     Returns:
         The `keras.distribution.LayoutMap`, with one entry per weight and
@@ -227,12 +287,12 @@ def get_layout_map(
 
     Raises:
         TypeError: `device_mesh` or `layers` is not one of the above.
-        ValueError: an axis name is not on the mesh; a pattern comes without
-            `structured`; two layers share a name but not a layout; or an
-            entry already in the given `LayoutMap` also matches a
-            `SparseLinear` weight (Keras would refuse the path matched by two
-            keys later, and a key written for a kernel may not suit the
-            threshold).
+        ValueError: an axis name is not on the mesh; `kernel_axes` does not
+            fit a kernel's rank; a pattern comes without `structured`; two
+            layers share a name but not a layout; or an entry already in the
+            given `LayoutMap` also matches a sparse layer's weight (Keras
+            would refuse the path matched by two keys later, and a key written
+            for a kernel may not suit the threshold).
     """
     if isinstance(device_mesh, keras.distribution.LayoutMap):
         layout_map = device_mesh
@@ -253,19 +313,31 @@ def get_layout_map(
     # One set of entries per distinct layer name (or pattern).
     entries = {}
     for name_regex, layer, is_structured in _targets(layers, structured):
-        axes = kernel_axes
+        if layer is None:
+            kernels, has_bias = [_Kernel("kernel", 2, (1,), "", None)], True
+        else:
+            kernels, has_bias = _kernels(layer), _has_bias(layer)
+        per_weight = {}
+        for kernel in kernels:
+            axes = kernel_axes or _default_axes(kernel, model_parallel_dim_name)
+            if len(axes) != kernel.rank:
+                raise ValueError(
+                    f"Received an invalid value for `kernel_axes`: {axes!r} has {len(axes)} "
+                    f"entries, but layer '{layer.name if layer else name_regex}' has a "
+                    f"{kernel.rank}-D {kernel.name}. Lay out layers of other ranks with "
+                    "another call."
+                )
+            axes = _fit_to_shape(axes, kernel.shape, sizes)
+            per_weight.update(kernel.axes(axes, is_structured, has_bias))
         probes = {}
-        if layer is not None:
-            axes = _fit_to_shape(axes, (layer.in_features, layer.units), sizes)
-            if layer.built:
-                probes = {w: v.path for w, v in _layer_variables(layer).items() if v is not None}
-            else:
-                probes = {w: f"{layer.name}/{w}" for w in _WEIGHTS}
-        per_weight = _layer_axes(axes, is_structured)
+        if layer is not None and layer.built:
+            probes = {w: v.path for w, v in _layer_variables(layer).items()}
+        elif layer is not None:
+            probes = {w: f"{layer.name}/{w}" for w in per_weight}
         if name_regex in entries:
             if entries[name_regex][0] != per_weight:
                 raise ValueError(
-                    f"Two `SparseLinear` layers are named {layer.name!r} but need different "
+                    f"Two sparse layers are named {layer.name!r} but need different "
                     "layouts (one structured and one not, or different sizes). Give them "
                     "distinct names."
                 )
@@ -302,25 +374,25 @@ def _refuse_overlap(layout_map, path, axes):
                 f"`SparseLinear` weight {path!r}, which needs {tuple(axes)}. Keras refuses "
                 "a path that two keys match (and one written for the kernel may not suit "
                 "the threshold). Narrow that entry, e.g. anchor it to your Dense layers' "
-                "names, and let `get_layout_map` own the SparseLinear weights."
+                "names, and let `get_layout_map` own the sparse layers' weights."
             )
 
 
 def validate_layout_map(layout_map, model):
-    """Check that a `LayoutMap` lays out every `SparseLinear` in `model` consistently.
+    """Check that a `LayoutMap` lays out every sparse layer in `model` consistently.
 
-    For each built `SparseLinear`, the layout that `layout_map` gives each
+    For each built sparse layer, the layout that `layout_map` gives each
     weight (by the weight's `path`, as `ModelParallel` looks it up) must have
     the weight's rank, the threshold and `prune_mask` must be laid out like
-    the kernel (or, for a per-neuron threshold, like the bias), the bias like
-    the kernel's output dimension, and the scalars replicated. Use it on a
-    hand-written map, e.g. after `model = make_model()` in a
-    `ModelParallel` scope, to catch a regex that matched the kernel but not
-    the threshold.
+    the kernel (or, for a per-unit threshold, like the kernel's output axes),
+    the bias like the kernel's output axis, and the scalars and driver state
+    replicated. Use it on a hand-written map, e.g. after `model = make_model()`
+    in a `ModelParallel` scope, to catch a regex that matched the kernel but
+    not the threshold.
 
     Args:
         layout_map: A `keras.distribution.LayoutMap`.
-        model: A built Keras model or layer containing `SparseLinear` layers.
+        model: A built Keras model or layer containing sparse layers.
 
     Raises:
         ValueError: listing every inconsistent or rank-mismatched weight.
@@ -334,8 +406,6 @@ def validate_layout_map(layout_map, model):
         variables = _layer_variables(layer)
         found = {}
         for weight, variable in variables.items():
-            if variable is None:
-                continue
             rank = len(variable.shape)
             try:
                 layout = layout_map[variable.path]
@@ -350,17 +420,19 @@ def validate_layout_map(layout_map, model):
                 )
                 continue
             found[weight] = axes
-        if "kernel" not in found:
-            continue
-        expected = _layer_axes(found["kernel"], layer.structured)
-        for weight, axes in found.items():
-            if axes != expected[weight]:
-                problems.append(
-                    f"{variables[weight].path}: laid out as {axes}, but with the kernel "
-                    f"laid out as {found['kernel']} it should be {expected[weight]}"
-                )
+        has_bias = _has_bias(layer)
+        for kernel in _kernels(layer):
+            if kernel.name not in found:
+                continue
+            expected = kernel.axes(found[kernel.name], layer.structured, has_bias)
+            for weight, axes in expected.items():
+                if weight in found and found[weight] != axes:
+                    problems.append(
+                        f"{variables[weight].path}: laid out as {found[weight]}, but with the "
+                        f"kernel laid out as {found[kernel.name]} it should be {axes}"
+                    )
     if problems:
         raise ValueError(
-            "The LayoutMap does not lay out the SparseLinear weights consistently "
+            "The LayoutMap does not lay out the sparse layers' weights consistently "
             "(`keras_sparse.get_layout_map` writes consistent entries):\n  " + "\n  ".join(problems)
         )

@@ -16,7 +16,73 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_sparse.transforms import _check_model, _clone, _dense_arguments, _strip, _to_numpy
+from keras_sparse.transforms import _strip
+
+
+def _to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _check_model(model, caller):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`{caller}()` expects a Keras model (`keras.Sequential` or a "
+            f"functional `keras.Model`). Received: model={model!r} of type "
+            f"{type(model).__name__}"
+        )
+    from keras.src.models.functional import Functional
+
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise ValueError(
+            f"`{caller}()` supports `keras.Sequential` and functional "
+            "`keras.Model` instances, whose graph it can follow; "
+            f"received a subclassed model of type {type(model).__name__}."
+        )
+
+
+def _dense_arguments(layer):
+    """The constructor arguments of a `Dense` layer, serialized (so nothing is shared)."""
+    return {
+        "units": layer.units,
+        "activation": keras.activations.serialize(layer.activation),
+        "use_bias": layer.use_bias,
+        "kernel_initializer": keras.initializers.serialize(layer.kernel_initializer),
+        "bias_initializer": keras.initializers.serialize(layer.bias_initializer),
+        "kernel_regularizer": keras.regularizers.serialize(layer.kernel_regularizer),
+        "bias_regularizer": keras.regularizers.serialize(layer.bias_regularizer),
+        "activity_regularizer": keras.regularizers.serialize(layer.activity_regularizer),
+        "kernel_constraint": keras.constraints.serialize(layer.kernel_constraint),
+        "bias_constraint": keras.constraints.serialize(layer.bias_constraint),
+        "name": layer.name,
+        "dtype": layer.dtype_policy,
+        "trainable": layer.trainable,
+    }
+
+
+def _clone(model, replace):
+    """`clone_model` with `replace(layer) -> new layer or None` and weights copied.
+
+    Layers for which `replace` returns None are cloned from their config and
+    get the original's weights; replaced layers are returned as `(old, new)`
+    pairs for the caller to fill.
+    """
+    replaced, cloned = [], []
+
+    def clone_function(layer):
+        new = replace(layer)
+        if new is None:
+            new = layer.__class__.from_config(layer.get_config())
+            cloned.append((layer, new))
+        else:
+            replaced.append((layer, new))
+        return new
+
+    new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    for old, new in cloned:
+        if getattr(old, "weights", None) and getattr(new, "weights", None):
+            new.set_weights(old.get_weights())
+    return new_model, replaced
+
 
 # Layers that act on each feature separately at inference, so a constant
 # feature stays a constant and a removed feature removes nothing else.

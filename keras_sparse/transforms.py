@@ -1,14 +1,17 @@
-"""Model-level transforms: `sparsify`, `strip` and `sparsity_report`.
+"""Model-level transforms: `sparsify`, `strip` and `sparsity_report`, for any Keras model.
 
-* `sparsify(model)` turns the `keras.layers.Dense` layers of a Sequential or
-  functional model into `SparseLinear` layers holding the same weights.
-* `strip(model)` turns every `SparseLinear` back into a plain `Dense` whose
-  kernel is the pruned kernel (`effective_weight()`): the result needs only
-  Keras to load and serve.
-* `sparsity_report(model)` tabulates how many weights each `SparseLinear`
-  keeps.
+* `sparsify(model)` turns the kernel-bearing layers of a model (Dense,
+  EinsumDense, convolutions, Embedding, wherever they sit: a functional
+  graph with op layers, a nested model, an attribute of a custom layer,
+  MultiHeadAttention, a keras-hub backbone) into their sparse versions,
+  weights copied, inference outputs unchanged.
+* `strip(model)` turns every sparse layer back into its stock Keras class
+  holding the pruned kernel: the result needs only Keras to load and serve.
+* `sparsity_report(model)` tabulates how many weights each mask keeps, and
+  how much of the model's weight matrices are pruned at all.
 
-None of them modifies the model it is given.
+None of them modifies the model it is given (except `sparsify(...,
+inplace=True)`, as `Model.quantize()` does).
 """
 
 from __future__ import annotations
@@ -16,18 +19,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 
 import keras
-import numpy as np
-from keras import ops
 
-from keras_sparse.callbacks import sparse_layers, walk_layers
-from keras_sparse.layer import DEFAULT_RELATIVE_TEMPERATURE, SparseLinear
-
-# `SparseLinear` keyword arguments that `sparsify` sets from the Dense layer
-# and that `**layer_kwargs` may therefore not override.
-_COPIED_FROM_DENSE = ("units", "use_bias", "name")
-
+from keras_sparse import convert
+from keras_sparse.layers import SparseKernelMixin
+from keras_sparse.walk import display_names, sparse_layers, walk, weight_matrices
 
 # ------------------------------------------------------------------ helpers
 
@@ -35,140 +33,134 @@ _COPIED_FROM_DENSE = ("units", "use_bias", "name")
 def _check_model(model, caller):
     if not isinstance(model, keras.Model):
         raise TypeError(
-            f"`{caller}()` expects a Keras model (`keras.Sequential` or a "
-            f"functional `keras.Model`). Received: model={model!r} of type "
-            f"{type(model).__name__}"
-        )
-    if isinstance(model, keras.Sequential):
-        return
-    try:  # Functional is not public API; fall back to clone_model's own check.
-        from keras.src.models.functional import Functional
-    except ImportError:  # pragma: no cover
-        return
-    if not isinstance(model, Functional):
-        raise ValueError(
-            f"`{caller}()` supports `keras.Sequential` and functional "
-            "`keras.Model` instances, whose layers can be rebuilt one by one; "
-            f"received a subclassed model of type {type(model).__name__}. "
-            "Build the same network as a functional model first."
+            f"`{caller}()` expects a Keras model (Sequential, functional, subclassed, or a "
+            f"keras-hub model). Received: model={model!r} of type {type(model).__name__}"
         )
 
 
 def _selector(select):
+    """`select` as a predicate on layers."""
     if select is None:
         return lambda layer: True
     if isinstance(select, str):
         pattern = re.compile(select)
         return lambda layer: pattern.search(layer.name) is not None
-    if isinstance(select, (list, tuple)) and all(isinstance(p, str) for p in select):
-        patterns = [re.compile(p) for p in select]
-        return lambda layer: any(p.search(layer.name) for p in patterns)
-    if callable(select):
+    if isinstance(select, type):
+        select = [select]
+    if isinstance(select, (list, tuple)) and select:
+        patterns = [re.compile(p) for p in select if isinstance(p, str)]
+        classes = tuple(c for c in select if isinstance(c, type))
+        if len(patterns) + len(classes) == len(select):
+            return lambda layer: (
+                isinstance(layer, classes) or any(p.search(layer.name) for p in patterns)
+            )
+    elif callable(select):
         return lambda layer: bool(select(layer))
     raise TypeError(
-        "Received an invalid value for `select`, expected None, a regex "
-        "string (or a list of them) matched against layer names, or a "
-        f"callable `predicate(layer) -> bool`. Received: select={select!r}"
+        "Received an invalid value for `select`, expected None, a regex string matched "
+        "against layer names (or a list of them), layer classes, or a callable "
+        f"`predicate(layer) -> bool`. Received: select={select!r}"
     )
 
 
-def _dense_arguments(layer):
-    """The constructor arguments shared by `Dense` and `SparseLinear`, from `layer`.
+def copy_model(model):
+    """A copy of `model`, same classes and weights, not compiled.
 
-    Serialized, so that the new layer shares no initializer, regularizer or
-    constraint object with the old one.
+    Made through the model's config (as `.keras` saving does), so every
+    class is kept, keras-hub's included. A subclassed model needs
+    `get_config()` / `from_config()`.
     """
-    return {
-        "units": layer.units,
-        "activation": keras.activations.serialize(layer.activation),
-        "use_bias": layer.use_bias,
-        "kernel_initializer": keras.initializers.serialize(layer.kernel_initializer),
-        "bias_initializer": keras.initializers.serialize(layer.bias_initializer),
-        "kernel_regularizer": keras.regularizers.serialize(layer.kernel_regularizer),
-        "bias_regularizer": keras.regularizers.serialize(layer.bias_regularizer),
-        "activity_regularizer": keras.regularizers.serialize(layer.activity_regularizer),
-        "kernel_constraint": keras.constraints.serialize(layer.kernel_constraint),
-        "bias_constraint": keras.constraints.serialize(layer.bias_constraint),
-        "name": layer.name,
-        "dtype": layer.dtype_policy,
-        "trainable": layer.trainable,
-    }
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        config.pop("compile_config", None)
+        copy = keras.saving.deserialize_keras_object(config)
+    except Exception as error:
+        raise ValueError(
+            f"Could not copy model '{model.name}' ({type(model).__name__}) through its "
+            f"config: {error}. Give the model `get_config()` and `from_config()`, or "
+            "convert it in place with `inplace=True`."
+        ) from error
+    if len(copy.weights) != len(model.weights):
+        raise ValueError(
+            f"The copy of model '{model.name}' has {len(copy.weights)} weights, the model "
+            f"{len(model.weights)}: it does not rebuild from its config as it was."
+        )
+    for source, target in zip(model.weights, copy.weights):
+        # On the device, value by value (no trip through the host).
+        target.assign(keras.ops.copy(source.value))
+    return copy
 
 
-def _clone(model, replace):
-    """`clone_model` with `replace(layer) -> new layer or None` and weights copied.
-
-    Layers for which `replace` returns None are cloned from their config and
-    get the original's weights; replaced layers are returned as
-    `(old, new)` pairs for the caller to fill.
-    """
-    replaced, cloned = [], []
-
-    def clone_function(layer):
-        new = replace(layer)
-        if new is None:
-            new = layer.__class__.from_config(layer.get_config())
-            cloned.append((layer, new))
-        else:
-            replaced.append((layer, new))
-        return new
-
-    new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
-    for old, new in cloned:
-        if old.weights and new.weights:
-            new.set_weights(old.get_weights())
-    return new_model, replaced
-
-
-def _to_numpy(x):
-    return np.asarray(ops.convert_to_numpy(x))
+def _why_not(layer):
+    """Why `sparsify` cannot convert `layer` (which holds weight matrices)."""
+    if isinstance(layer, SparseKernelMixin):
+        return None
+    if getattr(layer, "quantization_mode", None):
+        return f"quantized ({layer.quantization_mode})"
+    if convert.sparse_class_for(type(layer)) is None:
+        return f"{type(layer).__name__} has no sparse version"
+    if not layer.built:
+        return "not built"
+    return None
 
 
 # ----------------------------------------------------------------- sparsify
 
 
-def sparsify(model, select=None, **layer_kwargs):
-    """A copy of `model` whose `Dense` layers are `SparseLinear` layers.
+def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
+    """A copy of `model` whose kernel-bearing layers prune: `Dense` -> `SparseLinear`, and so on.
 
-    Each selected `keras.layers.Dense` (exactly that class: subclasses may
-    change `call()` and are left alone) becomes a `SparseLinear` with the
-    same name, units, activation, bias, initializers, regularizers,
-    constraints, dtype policy and `trainable` flag, holding the Dense
-    layer's kernel and bias (a LoRA-enabled Dense gives its merged kernel).
-    The thresholds start at the `threshold_initializer` (zeros by default),
-    so the hard mask keeps every weight and the new model's inference
-    outputs are those of `model`. Other layers are cloned with their
-    weights. The temperature, when left to its default, is set from the
-    copied kernel's spread (`DEFAULT_RELATIVE_TEMPERATURE / std(kernel)`).
+    Each selected layer of a class in the coverage table (`Dense`,
+    `EinsumDense`, `Conv1D/2D/3D`, `Conv1D/2D/3DTranspose`,
+    `DepthwiseConv1D/2D`, `SeparableConv1D/2D`, `Embedding`, or a subclass
+    of one, such as keras-hub's `ReversibleEmbedding`) becomes its sparse
+    version, wherever it sits in the model: a functional graph (with op
+    layers such as `x + y`), a nested model, an attribute of a custom layer
+    or of `MultiHeadAttention`, a keras-hub block. It keeps its name,
+    configuration, dtype policy, `trainable` flag and weights; its
+    thresholds start at `threshold_initializer` (zeros by default), so the
+    hard mask keeps every weight and the new model's inference outputs are
+    those of `model`. With the default temperature, each mask's is set from
+    its kernel's spread (`DEFAULT_RELATIVE_TEMPERATURE / std(kernel)`).
+
+    Layers that hold weight matrices but are left dense are reported: a
+    warning names those that could not be converted (a class without a
+    sparse version, a quantized layer), with their share of the model's
+    parameters, and `sparsity_report()` lists every layer left dense.
+
+    The copy saves to `.keras` and reloads with `keras.saving.load_model`;
+    layers that a parent rebuilds in code on reload (MultiHeadAttention's
+    projections, keras-hub blocks, a custom layer's sublayers) are converted
+    again by that parent on reload, from a plan saved in its config.
 
     Args:
-        model: A `keras.Sequential` or functional `keras.Model`. It is not
-            modified. Nested Sequential/functional models are searched too.
-        select: Which Dense layers to convert. `None` (default): all of
-            them; a regex string (or a list of them) searched in each
-            layer's name (`re.search`, as `Model.quantize(filters=...)`:
-            anchor it with `^...$` for an exact name); or a callable
+        model: A built Keras model: Sequential, functional, subclassed (with
+            `get_config()`, or use `inplace=True`) or a keras-hub model.
+        select: Which layers to convert. `None` (default): all of them; a
+            regex string (or a list of them) searched in each layer's name
+            (`re.search`, as `Model.quantize(filters=...)`: anchor it with
+            `^...$` for an exact name); layer classes (`keras.layers.Conv2D`,
+            or a list of classes and regexes); or a callable
             `predicate(layer) -> bool`.
-        **layer_kwargs: Extra `SparseLinear` arguments for every converted
-            layer, such as `structured=False`, `temperature=...`,
-            `straight_through=True`. `units`, `use_bias` and `name` come
-            from the Dense layer and cannot be given.
+        inplace: Convert `model` itself instead of a copy (as
+            `Model.quantize()` does); compile it again before training.
+        **layer_kwargs: Pruning arguments for every converted layer, such as
+            `structured=False`, `granularity="neuron"`, `temperature=...`,
+            `straight_through=True` (see `SparseLinear`).
 
     Returns:
-        A new model (not compiled, except that a compiled Sequential model's
-        compile config is carried over, as `keras.models.clone_model` does).
+        The converted model (a copy, not compiled, unless `inplace=True`).
 
     Raises:
-        TypeError: `model` is not a Keras model, or `select` is of the
-            wrong type.
-        ValueError: no Dense layer matched `select`, `layer_kwargs` names
-            an argument copied from the Dense layer, or the model is
-            subclassed or quantized.
+        TypeError: `model` is not a Keras model, `select` is of the wrong
+            type, or `layer_kwargs` holds an unknown argument.
+        ValueError: no convertible layer matched `select`, a pruning
+            argument is invalid, or the model is not built.
 
     Example:
 
     ```python
-    sparse_model = keras_sparse.sparsify(model, select="^hidden")
+    sparse_model = keras_sparse.sparsify(model, select=[keras.layers.Conv2D, "^fc"])
     sparse_model.compile(...)
     sparse_model.fit(..., callbacks=[keras_sparse.SparsityScheduler(...)])
     served = keras_sparse.strip(sparse_model)
@@ -176,87 +168,82 @@ def sparsify(model, select=None, **layer_kwargs):
     """
     _check_model(model, "sparsify")
     predicate = _selector(select)
-    clash = sorted(set(layer_kwargs) & set(_COPIED_FROM_DENSE))
-    if clash:
+    options = convert.check_options(layer_kwargs).get_config()
+    if not model.built:
         raise ValueError(
-            f"`sparsify()` copies {clash} from each Dense layer; they cannot be "
-            f"passed in `layer_kwargs`. Received: {', '.join(f'{k}=...' for k in clash)}"
+            f"`sparsify()` needs a built model; model '{model.name}' is not built. Call it "
+            "on data or build it with `keras.Input` first."
         )
-    # Fail on bad layer arguments now, with SparseLinear's own message.
-    SparseLinear(1, **layer_kwargs)
+    target = model if inplace else copy_model(model)
+    found = walk(target)
+    parents = {id(layer): parent for layer, parent in found}
+    layers = [layer for layer, _ in found]
+    holders = [layer for layer in layers if weight_matrices(layer)]
+    selected = [layer for layer in holders if predicate(layer)]
+    chosen = [layer for layer in selected if _why_not(layer) is None]
+    refused = [(layer, _why_not(layer)) for layer in selected if _why_not(layer)]
+    refused = [(layer, why) for layer, why in refused if not isinstance(layer, SparseKernelMixin)]
+    if not chosen:
+        names = [layer.name for layer in holders if convert.sparse_class_for(type(layer))]
+        raise ValueError(
+            f"No convertible layer matched select={select!r} in model '{model.name}' "
+            f"(its convertible layers: {names})"
+        )
+    for layer in chosen:
+        convert.convert_layer(layer, options)
+        convert.record_conversion(target, layer, parents, options)
+    if refused:
+        _warn_left_dense(target, refused)
+    if inplace:
+        # Compiled functions hold the stock layers' arithmetic.
+        target.train_function = target.test_function = target.predict_function = None
+    return target
 
-    matched = [
-        layer
-        for layer in walk_layers(model)
-        if type(layer) is keras.layers.Dense and predicate(layer)
+
+def _warn_left_dense(model, refused):
+    total = sum(math.prod(v.shape) for v in model.weights) or 1
+    names = display_names(model, [layer for layer, _ in refused])
+    parts = [
+        f"'{name}' ({why}; {sum(math.prod(v.shape) for v in weight_matrices(layer)) / total:.1%})"
+        for name, (layer, why) in zip(names, refused)
     ]
-    if not matched:
-        names = [layer.name for layer in walk_layers(model) if type(layer) is keras.layers.Dense]
-        raise ValueError(
-            f"no Dense layer matched select={select!r} in model '{model.name}' "
-            f"(its Dense layers: {names})"
-        )
-    for layer in matched:
-        if getattr(layer, "quantization_mode", None):
-            raise ValueError(
-                f"Dense layer '{layer.name}' is quantized "
-                f"({layer.quantization_mode!r}); sparsify the float model, "
-                "then strip and quantize it."
-            )
-    matched_ids = {id(layer) for layer in matched}
-
-    def replace(layer):
-        if id(layer) not in matched_ids:
-            return None
-        return SparseLinear(**{**_dense_arguments(layer), **layer_kwargs})
-
-    new_model, replaced = _clone(model, replace)
-    for old, new in replaced:
-        if not old.built:
-            continue
-        if not new.built:
-            new.build((None, int(old.kernel.shape[0])))
-        kernel = _to_numpy(old.kernel).astype("float32")
-        new.kernel.assign(kernel)
-        if old.use_bias:
-            new.bias.assign(_to_numpy(old.bias).astype("float32"))
-        if new.initial_temperature is None:
-            std = float(np.std(kernel))
-            if math.isfinite(std) and std > 0:
-                new.temperature = DEFAULT_RELATIVE_TEMPERATURE / std
-    return new_model
+    share = sum(math.prod(v.shape) for layer, _ in refused for v in weight_matrices(layer))
+    warnings.warn(
+        f"sparsify() left {len(refused)} selected layer(s) with weight matrices dense, "
+        f"{share / total:.1%} of the parameters of '{model.name}': " + ", ".join(parts),
+        stacklevel=3,
+    )
 
 
 # -------------------------------------------------------------------- strip
 
 
 def strip(model):
-    """A copy of `model` where every `SparseLinear` is a plain `keras.layers.Dense`.
+    """A copy of `model` where every sparse layer is its stock Keras class again.
 
-    Each `SparseLinear` becomes a `Dense` with the same name, units,
-    activation, bias, initializers, kernel/bias regularizers and
-    constraints, dtype policy and `trainable` flag, whose kernel is the
-    layer's `effective_weight()` (the kernel times the hard mask: pruned
-    weights are exactly zero) and whose bias is the layer's bias. The
-    thresholds, masks, temperature and sparsity penalty are dropped. Other
-    layers are cloned with their weights.
+    Each `SparseLinear` becomes a `Dense`, each `SparseConv2D` a `Conv2D`,
+    and so on (a converted keras-hub `ReversibleEmbedding` becomes a
+    `ReversibleEmbedding`), with the same configuration and with each
+    kernel equal to the layer's `effective_weight()` (the kernel times the
+    hard mask: pruned weights are exactly zero). Thresholds, masks,
+    temperatures and penalties are dropped. The model keeps its class.
 
-    The result holds only built-in Keras layers: it saves to `.keras` and
-    loads where `keras_sparse` is not installed, and exports like any Keras
-    model. Its inference outputs equal the original's (whose inference uses
-    the same hard mask), except for layers built with
-    `inference_mask="soft"`, which the stripped model serves hard-masked.
+    The result holds no keras-sparse class: it saves to `.keras` and loads
+    where `keras_sparse` is not installed, and exports like any Keras model.
+    Its inference outputs equal the original's (whose inference uses the
+    same hard mask), except for layers built with `inference_mask="soft"`,
+    which the stripped model serves hard-masked.
 
     Args:
-        model: A `keras.Sequential` or functional `keras.Model` with at
-            least one `SparseLinear` layer. It is not modified.
+        model: A Keras model with at least one sparse layer. It is not
+            modified.
 
     Returns:
-        A new model (compile state as in `keras.models.clone_model`).
+        A new model (not compiled).
 
     Raises:
         TypeError: `model` is not a Keras model.
-        ValueError: the model has no `SparseLinear` layer, or is subclassed.
+        ValueError: the model has no sparse layer.
     """
     return _strip(model, require_sparse=True)
 
@@ -265,28 +252,25 @@ def _strip(model, require_sparse):
     _check_model(model, "strip")
     if require_sparse and not sparse_layers(model):
         raise ValueError(
-            f"Model '{model.name}' has no SparseLinear layer: there is nothing "
-            "to strip. (`keras_sparse.sparsify(model)` makes one from Dense layers.)"
+            f"Model '{model.name}' has no sparse layer: there is nothing to strip. "
+            "(`keras_sparse.sparsify(model)` makes one.)"
         )
-
-    def replace(layer):
-        if not isinstance(layer, SparseLinear):
-            return None
-        return keras.layers.Dense(**_dense_arguments(layer))
-
-    new_model, replaced = _clone(model, replace)
-    for old, new in replaced:
-        if not old.built:
-            continue
-        if not new.built:
-            new.build((None, old.in_features))
-        # `kernel * mask` gives -0.0 for pruned negative weights; `+ 0.0`
-        # makes every pruned weight +0.0, so all zeros have the same bytes.
-        weights = [_to_numpy(old.effective_weight()) + np.float32(0.0)]
-        if old.use_bias:
-            weights.append(_to_numpy(old.bias))
-        new.set_weights(weights)
-    return new_model
+    # A fresh model from the config with every keras-sparse class replaced by
+    # its stock class, then the weights, layer by layer, with the pruned
+    # kernels: fresh objects are exactly what Keras itself would load.
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    stripped = keras.saving.deserialize_keras_object(convert.stock_config(config))
+    sources = [model] + [layer for layer, _ in walk(model)]
+    targets = [stripped] + [layer for layer, _ in walk(stripped)]
+    if len(sources) != len(targets):
+        raise ValueError(
+            f"strip(): the rebuilt model has {len(targets)} layers where '{model.name}' has "
+            f"{len(sources)}; its layers do not rebuild from their configs as they were."
+        )
+    for source, target in zip(sources, targets):
+        convert.copy_stock_weights(source, target)
+    return stripped
 
 
 # ---------------------------------------------------------- sparsity_report
@@ -297,9 +281,10 @@ class LayerSparsity:
     """One row of a `SparsityReport`.
 
     Attributes:
-        name: The layer's name (`"total"` for the total row).
-        shape: The kernel's shape `(in_features, units)`; `None` in the
-            total row.
+        name: The layer's name (its path in the model when names repeat;
+            `layer/kernel` for a layer with several pruned kernels;
+            `"total"` for the total row).
+        shape: The kernel's shape; `None` in the total row.
         active: Weights kept by the hard mask (`num_active()`).
         total: Weights in the kernel.
     """
@@ -329,23 +314,58 @@ class LayerSparsity:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseLayer:
+    """A layer holding weight matrices that no mask prunes (one entry of `SparsityReport.dense`).
+
+    Attributes:
+        name: The layer's name (or path).
+        class_name: Its class.
+        params: Values in its weight matrices.
+    """
+
+    name: str
+    class_name: str
+    params: int
+
+
 _HEADERS = ("layer", "kernel shape", "active", "total", "density")
 
 
 @dataclasses.dataclass(frozen=True)
 class SparsityReport:
-    """Per-layer sparsity of a model's `SparseLinear` layers.
+    """Per-kernel sparsity of a model, and how much of the model the masks cover.
 
     Attributes:
-        rows: One `LayerSparsity` per `SparseLinear`, in build order.
+        rows: One `LayerSparsity` per pruned kernel, in layer order.
         total: The sum over `rows` (`name="total"`, `shape=None`).
+        dense: One `DenseLayer` per layer whose weight matrices are not
+            pruned (left dense by `sparsify`, or never converted).
 
-    `str(report)` (so `print(report)`) is an aligned text table;
-    `report.to_markdown()` the same as a Markdown table.
+    `str(report)` (so `print(report)`) is an aligned text table followed by
+    the coverage; `report.to_markdown()` the same in Markdown.
     """
 
     rows: tuple
     total: LayerSparsity
+    dense: tuple = ()
+
+    @property
+    def dense_params(self):
+        """Values in the weight matrices no mask prunes."""
+        return sum(entry.params for entry in self.dense)
+
+    @property
+    def coverage(self):
+        """Fraction of the model's weight-matrix values that a mask prunes."""
+        whole = self.total.total + self.dense_params
+        return self.total.total / whole if whole else 0.0
+
+    @property
+    def model_density(self):
+        """Fraction of all weight-matrix values kept: active pruned weights plus the dense ones."""
+        whole = self.total.total + self.dense_params
+        return (self.total.active + self.dense_params) / whole if whole else 0.0
 
     def _cells(self):
         def cells(row):
@@ -353,6 +373,20 @@ class SparsityReport:
             return (row.name, shape, str(row.active), str(row.total), f"{row.density:.2%}")
 
         return [cells(row) for row in self.rows], cells(self.total)
+
+    def _coverage_lines(self):
+        whole = self.total.total + self.dense_params
+        lines = [
+            f"masks cover {self.total.total} of {whole} weight-matrix values "
+            f"({self.coverage:.2%}); the model keeps {self.model_density:.2%} of them"
+        ]
+        if self.dense:
+            left = ", ".join(
+                f"{d.name} ({d.class_name}, {d.params / whole:.2%})" for d in self.dense[:10]
+            )
+            more = f" and {len(self.dense) - 10} more" if len(self.dense) > 10 else ""
+            lines.append(f"left dense: {left}{more}")
+        return lines
 
     def __str__(self):
         body, total = self._cells()
@@ -365,34 +399,37 @@ class SparsityReport:
             ).rstrip()
 
         rule = "  ".join("-" * w for w in widths)
-        return "\n".join([line(_HEADERS), rule, *map(line, body), rule, line(total)])
+        table = [line(_HEADERS), rule, *map(line, body), rule, line(total)]
+        return "\n".join(table + self._coverage_lines())
 
     def to_markdown(self):
         body, total = self._cells()
         total = (f"**{total[0]}**", *total[1:])
         lines = ["| " + " | ".join(_HEADERS) + " |", "|:--|:--|--:|--:|--:|"]
         lines += ["| " + " | ".join(r) + " |" for r in [*body, total]]
-        return "\n".join(lines)
+        return "\n".join(lines + [""] + self._coverage_lines())
 
 
 def sparsity_report(model):
-    """How many weights each `SparseLinear` of `model` keeps.
+    """How many weights each mask of `model` keeps, and what is left dense.
 
     Counts use the hard mask (`|kernel| >= threshold`, pruned weights
     excluded), as inference does.
 
     Args:
-        model: A Keras model (any kind) or layer containing `SparseLinear`
-            layers, nested models included.
+        model: A Keras model (any kind) or layer containing sparse layers,
+            at any depth.
 
     Returns:
-        A `SparsityReport`: `.rows` (one `LayerSparsity` per layer, with
-        `name`, `shape`, `active`, `total`, `density`), `.total`, a text
-        table as `str(report)` and `.to_markdown()`.
+        A `SparsityReport`: `.rows` (one `LayerSparsity` per pruned kernel,
+        with `name`, `shape`, `active`, `total`, `density`), `.total`,
+        `.dense` (layers whose weight matrices no mask prunes),
+        `.coverage`, `.model_density`, a text table as `str(report)` and
+        `.to_markdown()`.
 
     Raises:
         TypeError: `model` is not a Keras model or layer.
-        ValueError: there is no `SparseLinear` layer, or one is not built.
+        ValueError: there is no sparse layer, or one is not built.
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(
@@ -401,11 +438,32 @@ def sparsity_report(model):
         )
     layers = sparse_layers(model)
     if not layers:
-        raise ValueError(f"Model '{model.name}' has no SparseLinear layer to report on.")
+        raise ValueError(f"Model '{model.name}' has no sparse layer to report on.")
+    names = display_names(model, layers)
     rows = []
-    for layer in layers:
+    for layer, name in zip(layers, names):
         layer._require_built("sparsity_report")
-        shape = tuple(int(d) for d in layer.kernel.shape)
-        rows.append(LayerSparsity(layer.name, shape, layer.num_active(), math.prod(shape)))
+        masks = layer.masks
+        for kernel_name, mask in masks.items():
+            label = name if len(masks) == 1 else f"{name}/{kernel_name}"
+            rows.append(LayerSparsity(label, mask.shape, mask.num_active(), mask.size))
     total = LayerSparsity("total", None, sum(r.active for r in rows), sum(r.total for r in rows))
-    return SparsityReport(tuple(rows), total)
+    everything = [layer for layer, _ in walk(model)]
+    if isinstance(model, keras.Model) is False:
+        everything = [model] + everything
+    holders = [
+        layer
+        for layer in everything
+        if not isinstance(layer, SparseKernelMixin) and _trainable_matrices(layer)
+    ]
+    dense = tuple(
+        DenseLayer(
+            name, type(layer).__name__, sum(math.prod(v.shape) for v in _trainable_matrices(layer))
+        )
+        for layer, name in zip(holders, display_names(model, holders))
+    )
+    return SparsityReport(tuple(rows), total, dense)
+
+
+def _trainable_matrices(layer):
+    return [v for v in weight_matrices(layer) if keras.backend.is_float_dtype(v.dtype)]

@@ -1,4 +1,4 @@
-"""Independent NumPy references for the SparseLinear formulas."""
+"""Independent NumPy references for the masks and for the layers' arithmetic."""
 
 import numpy as np
 
@@ -30,3 +30,82 @@ def gradients(x, kernel, threshold, temperature, upstream):
     if threshold.ndim == 1:
         d_threshold = d_threshold.sum(axis=0)
     return d_kernel, d_threshold
+
+
+# ------------------------------------------------------- masks of any rank
+
+
+def unit_threshold(threshold, kernel_shape, output_axes):
+    """A per-unit threshold (shape of the output axes) broadcast to the kernel's rank."""
+    shape = [kernel_shape[a] if a in output_axes else 1 for a in range(len(kernel_shape))]
+    return np.reshape(threshold, shape)
+
+
+def mask_of(kernel, threshold, temperature, output_axes, structured=True, hard=False):
+    """The weight-granularity mask of a kernel of any rank."""
+    if structured:
+        threshold = unit_threshold(threshold, kernel.shape, output_axes)
+    if hard:
+        return (np.abs(kernel) >= threshold).astype(kernel.dtype)
+    return soft_mask(kernel, threshold, temperature)
+
+
+# ------------------------------------------------------------ convolutions
+
+
+def _pad(x, kernel_size, strides, padding):
+    """TensorFlow's "same" padding: `ceil(size / stride)` outputs, the odd pixel after."""
+    if padding == "valid":
+        return x
+    pads = [(0, 0)]
+    for size, k, s in zip(x.shape[1:-1], kernel_size, strides):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return np.pad(x, pads + [(0, 0)])
+
+
+def conv(x, kernel, strides=1, padding="valid"):
+    """Keras `ops.conv` (channels last, cross-correlation): `x (N, *spatial, C)`,
+    `kernel (*k, C, F)`."""
+    rank = kernel.ndim - 2
+    strides = (strides,) * rank if np.isscalar(strides) else tuple(strides)
+    x = _pad(x, kernel.shape[:rank], strides, padding)
+    windows = np.lib.stride_tricks.sliding_window_view(
+        x, kernel.shape[:rank], axis=range(1, rank + 1)
+    )
+    windows = windows[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    # windows: (N, *out, C, *k) -> contract C and k with the kernel (*k, C, F)
+    axes_windows = list(range(rank + 1, 2 * rank + 2))
+    axes_kernel = [rank] + list(range(rank))
+    return np.tensordot(windows, kernel, axes=(axes_windows, axes_kernel))
+
+
+def depthwise_conv(x, kernel, strides=1, padding="valid"):
+    """`kernel (*k, C, M)`: output channel `c * M + m` is channel `c` convolved with
+    `kernel[..., c, m]`."""
+    rank = kernel.ndim - 2
+    channels, multiplier = kernel.shape[-2:]
+    outputs = []
+    for c in range(channels):
+        for m in range(multiplier):
+            single = kernel[..., c : c + 1, m : m + 1]
+            outputs.append(conv(x[..., c : c + 1], single, strides, padding)[..., 0])
+    assert rank >= 1
+    return np.stack(outputs, axis=-1)
+
+
+def conv_transpose(x, kernel):
+    """Keras `ops.conv_transpose` with strides 1 and `"valid"` padding: `kernel (*k, F, C)`.
+
+    Each input position adds `x * kernel` into the output window it came from
+    (the adjoint of `conv`).
+    """
+    rank = kernel.ndim - 2
+    size = kernel.shape[:rank]
+    out_spatial = tuple(x.shape[1 + i] + size[i] - 1 for i in range(rank))
+    out = np.zeros((x.shape[0],) + out_spatial + (kernel.shape[-2],))
+    for position in np.ndindex(*x.shape[1 : 1 + rank]):
+        window = (slice(None),) + tuple(slice(p, p + k) for p, k in zip(position, size))
+        contribution = np.tensordot(x[(slice(None),) + position], kernel, axes=([1], [rank + 1]))
+        out[window] += contribution
+    return out

@@ -75,7 +75,7 @@ def pruned_layer(rng, **kwargs):
     layer.reset_threshold(np.median(magnitude, axis=axis))
     layer.hard_prune()
     assert 0 < layer.density() < 1
-    assert layer._plain_inference
+    assert layer.masks["kernel"]._plain_inference
     return layer
 
 
@@ -101,7 +101,7 @@ def test_hard_mask_inference_values_and_gradients(rng, structured):
 
 def test_a_fresh_layer_does_not_take_the_plain_path(rng):
     layer = make_layer(rng)
-    assert not layer._plain_inference
+    assert not layer.masks["kernel"]._plain_inference
     x = rng.normal(size=(3, 6)).astype("float32")
     np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
 
@@ -178,7 +178,7 @@ def test_hard_prune_is_idempotent(rng):
     layer.hard_prune()
     for old, new in zip(weights, layer.weights):
         np.testing.assert_array_equal(old, to_numpy(new))
-    assert layer._plain_inference
+    assert layer.masks["kernel"]._plain_inference
 
 
 # ------------------------------------------------ what ends the plain path
@@ -187,7 +187,7 @@ def test_hard_prune_is_idempotent(rng):
 def test_reset_threshold_ends_the_plain_path(rng):
     layer = pruned_layer(rng)
     layer.reset_threshold(0.5)
-    assert not layer._plain_inference
+    assert not layer.masks["kernel"]._plain_inference
     x = rng.normal(size=(5, 6)).astype("float32")
     np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
     assert 0 < layer.density() < 1
@@ -197,9 +197,9 @@ def test_a_training_call_ends_the_plain_path(rng):
     layer = pruned_layer(rng)
     x = rng.normal(size=(5, 6)).astype("float32")
     layer(x, training=True)
-    assert not layer._plain_inference
+    assert not layer.masks["kernel"]._plain_inference
     layer.hard_prune()  # trained in this process: the mask stays
-    assert not layer._plain_inference
+    assert not layer.masks["kernel"]._plain_inference
     layer.threshold.assign(np.full((4,), 0.3, "float32"))
     np.testing.assert_allclose(to_numpy(layer(x)), expected_output(layer, x), rtol=1e-6, atol=1e-6)
 
@@ -216,7 +216,7 @@ def test_momentum_after_hard_prune_cannot_reach_inference(rng):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     layer.reset_threshold(float(np.median(np.abs(to_numpy(layer.kernel)))))
     layer.hard_prune()
-    assert not layer._plain_inference
+    assert not layer.masks["kernel"]._plain_inference
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     np.testing.assert_allclose(
         model.predict(x, verbose=0), expected_output(layer, x), rtol=1e-5, atol=1e-5
@@ -232,7 +232,7 @@ def test_training_after_a_plain_inference_warns(rng):
     model.compile(optimizer="sgd", loss="mse")
     with pytest.warns(UserWarning, match="hard_prune"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert not layer._plain_inference
+    assert not layer.masks["kernel"]._plain_inference
     layer.hard_prune()  # the weights equal effective_weight() again
     np.testing.assert_allclose(
         model.predict(x, verbose=0), expected_output(layer, x), rtol=1e-5, atol=1e-5

@@ -185,7 +185,7 @@ def test_is_n_m_sparse_checks_groups_along_the_chosen_axis():
     "kwargs", [{"granularity": "neuron"}, {"granularity": "n:m", "n_m": (1, 4)}]
 )
 def test_new_modes_pass_the_generic_layer_checks(kwargs):
-    run_layer_checks(SparseLinear, {"units": 3, **kwargs}, (2, 6), 3, 3)
+    run_layer_checks(SparseLinear, {"units": 3, **kwargs}, (2, 6), 3, 4)
 
 
 @pytest.mark.parametrize(

@@ -164,8 +164,9 @@ def test_weights_have_keras_layout_and_float32(structured, threshold_shape):
     assert layer.in_features == 6 and layer.out_features == 4
     assert layer.is_structured is structured
     n_threshold = int(np.prod(threshold_shape))
-    # kernel + bias + threshold trainable; prune_mask, temperature, penalty not
-    assert layer.count_params() == 24 + 4 + n_threshold + 24 + 1 + 1
+    # kernel + bias + threshold trainable; prune_mask, temperature, penalty and
+    # the driver's five-number state not
+    assert layer.count_params() == 24 + 4 + n_threshold + 24 + 1 + 1 + 5
 
 
 def test_factories_return_built_layers():
@@ -249,4 +250,4 @@ def test_trainable_false_freezes_every_weight():
     layer = SparseLinear.new(4, 3)
     layer.trainable = False
     assert layer.trainable_weights == []
-    assert len(layer.non_trainable_weights) == 6
+    assert len(layer.non_trainable_weights) == 7

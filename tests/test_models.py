@@ -52,7 +52,7 @@ def numpy_effective_weight(layer):
 )
 def test_sparse_linear_meets_the_generic_layer_contract(init_kwargs, n_trainable):
     # non-trainable: prune_mask, temperature, sparsity_penalty
-    run_layer_checks(SparseLinear, init_kwargs, (2, 4), n_trainable, 3)
+    run_layer_checks(SparseLinear, init_kwargs, (2, 4), n_trainable, 4)
 
 
 # ---------------------------------------------------------- three model styles
@@ -202,12 +202,16 @@ def test_mixed_precision_fit_keeps_float32_variables(rng, policy, compute_dtype)
     np.testing.assert_allclose(to_numpy(out).astype("float32"), expected, rtol=5e-2, atol=5e-2)
 
 
-def test_float16_policy_keeps_float32_variables(rng):
+def test_float16_policy_keeps_float32_kernel_and_mask(rng):
     layer = SparseLinear(3, temperature=3.0, dtype="float16")
     layer.build((None, 4))
     randomize(layer, rng)
     assert layer.compute_dtype == "float16"
-    assert all(w.dtype == "float32" for w in layer.weights if w is not layer.prune_mask)
+    mask = layer.masks["kernel"]
+    assert {w.dtype for w in [layer.kernel, *mask.variables] if w is not layer.prune_mask} == {
+        "float32"
+    }
+    assert layer.bias.dtype == "float16"  # as in a stock Dense under this policy
     x = rng.normal(size=(5, 4)).astype("float32")
     out = layer(x, training=True)
     assert keras.backend.standardize_dtype(out.dtype) == "float16"

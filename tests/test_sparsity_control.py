@@ -78,7 +78,7 @@ def test_scheduler_refuses_bad_arguments():
 def test_scheduler_refuses_a_model_without_sparse_layers():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile("sgd", "mse")
-    with pytest.raises(ValueError, match="no SparseLinear layer"):
+    with pytest.raises(ValueError, match="no sparse layer"):
         model.fit(
             np.ones((4, 4)), np.ones((4, 2)), callbacks=[ks.SparsityScheduler(0.5)], verbose=0
         )

@@ -136,7 +136,7 @@ def test_sparsify_leaves_unselected_layers_weights_intact():
 
 
 def test_sparsify_without_a_match_says_so():
-    with pytest.raises(ValueError, match=r"no Dense layer matched select='conv'"):
+    with pytest.raises(ValueError, match=r"No convertible layer matched select='conv'"):
         sparsify(_dense_model(), select="conv")
 
 
@@ -145,7 +145,7 @@ def test_sparsify_refuses_what_is_not_a_keras_model():
         sparsify("model.keras")
 
 
-def test_sparsify_refuses_a_subclassed_model():
+def test_sparsify_refuses_a_model_that_is_not_built():
     class Net(keras.Model):
         def __init__(self):
             super().__init__()
@@ -154,7 +154,7 @@ def test_sparsify_refuses_a_subclassed_model():
         def call(self, inputs):
             return self.dense(inputs)
 
-    with pytest.raises(ValueError, match="subclassed"):
+    with pytest.raises(ValueError, match="'net' is not built"):
         sparsify(Net())
 
 
@@ -165,8 +165,8 @@ def test_sparsify_passes_layer_kwargs_to_every_layer():
         assert layer.straight_through is True
 
 
-def test_sparsify_refuses_layer_kwargs_copied_from_dense():
-    with pytest.raises(ValueError, match="units"):
+def test_sparsify_refuses_arguments_that_are_not_pruning_arguments():
+    with pytest.raises(TypeError, match=r"Unknown pruning arguments \['units'\].*units=7"):
         sparsify(_dense_model(), units=7)
 
 
@@ -243,7 +243,7 @@ def test_strip_does_not_touch_the_original():
 
 
 def test_strip_without_a_sparse_layer_says_so():
-    with pytest.raises(ValueError, match="no SparseLinear layer"):
+    with pytest.raises(ValueError, match="no sparse layer"):
         strip(_dense_model())
 
 
@@ -330,6 +330,7 @@ def test_sparsity_report_total_row_sums_the_layers():
 def test_sparsity_report_prints_an_aligned_table():
     model, served = _pruned_sparse_model()
     lines = str(sparsity_report(model)).splitlines()
+    lines = lines[: [line.split()[0] for line in lines].index("total") + 1]  # the table
     assert lines[0].split() == ["layer", "kernel", "shape", "active", "total", "density"]
     assert lines[2].split() == [
         "hidden",
@@ -349,9 +350,10 @@ def test_sparsity_report_markdown_has_a_row_per_layer_and_total():
     model, _ = _pruned_sparse_model()
     lines = sparsity_report(model).to_markdown().splitlines()
     assert lines[0] == "| layer | kernel shape | active | total | density |"
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["hidden", "logits", "**total**"]
+    rows = [line.split("|")[1].strip() for line in lines[2:] if line.startswith("|")]
+    assert rows == ["hidden", "logits", "**total**"]
 
 
 def test_sparsity_report_needs_a_sparse_layer():
-    with pytest.raises(ValueError, match="no SparseLinear layer"):
+    with pytest.raises(ValueError, match="no sparse layer"):
         sparsity_report(_dense_model())

@@ -1,0 +1,458 @@
+"""Turning stock layers into sparse ones in place, and back, so that any model can be pruned.
+
+`convert_layer(layer)` turns a built stock layer (a `Dense`, a `Conv2D`, a
+keras-hub `ReversibleEmbedding`...) into its sparse class in place: the
+object stays where it is (a node of a functional graph, an attribute of a
+custom layer, an element of a list), keeps its weights, and gains its masks.
+`restore_layer(layer)` does the reverse, with the pruned kernel.
+
+The `.keras` format needs one more thing. A functional model or a
+Sequential saves each of its layers' class and config, so a converted layer
+reloads as its sparse class. But a layer that builds its sublayers in code
+(`MultiHeadAttention`'s projections, a keras-hub `TransformerEncoder`'s
+feed-forward, a custom layer's `self.dense = Dense(...)`, a keras-hub
+backbone's whole graph) rebuilds them as stock layers on reload. For those,
+the nearest ancestor whose config is saved (the *owner*) records which
+sublayers were converted, with which arguments; on reload the owner converts
+them again right after it is built, before the weights are loaded. This is
+the route Keras's `quantize()` takes to carry a mode into rebuilt sublayers
+(through the dtype policy), done with a small plan instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+
+import keras
+from keras import ops
+
+from keras_sparse.layers import SPARSE_CLASSES, SparseKernelMixin
+from keras_sparse.mask import OPTION_NAMES, MaskOptions
+from keras_sparse.walk import walk
+
+# The name a converted subclass of a stock layer, and an owner, are saved under.
+_SAVED_NAME = "keras_sparse>Converted"
+
+
+# ------------------------------------------------------------- classes
+
+
+def _stock_base(cls):
+    """The stock class in `SPARSE_CLASSES` that `cls` is or extends, or `None`."""
+    for base in cls.__mro__:
+        if base in SPARSE_CLASSES:
+            return base
+    return None
+
+
+@functools.cache
+def _sparse_subclass(cls):
+    """A sparse version of a subclass of a stock layer (keras-hub's `ReversibleEmbedding`...)."""
+    sparse = type(
+        "Sparse" + cls.__name__,
+        (SparseKernelMixin, cls),
+        {
+            "masked_kernels": SPARSE_CLASSES[_stock_base(cls)].masked_kernels,
+            "__module__": __name__,
+            "get_config": _subclass_get_config,
+        },
+    )
+    _register_saved_name(sparse)
+    return sparse
+
+
+def sparse_class_for(cls):
+    """The sparse class of layer class `cls`, or `None` when it has none (or is sparse already)."""
+    if issubclass(cls, SparseKernelMixin):
+        return None
+    if cls in SPARSE_CLASSES:
+        return SPARSE_CLASSES[cls]
+    if _stock_base(cls) is None:
+        return None
+    return _sparse_subclass(cls)
+
+
+def _register_saved_name(cls):
+    # Saved under the one name `Converted.from_config` answers to, which
+    # rebuilds the class from the stock class it names (a class made at run
+    # time cannot be registered under its own name before a file is loaded).
+    from keras.src.saving import object_registration
+
+    object_registration.GLOBAL_CUSTOM_NAMES[cls] = _SAVED_NAME
+
+
+def _identity(cls):
+    return {
+        "module": cls.__module__,
+        "class_name": cls.__name__,
+        "registered_name": keras.saving.get_registered_name(cls),
+    }
+
+
+def _subclass_get_config(self):
+    base = type(self).__mro__[2]  # (sparse class, mixin, base, ...)
+    return {
+        "kind": "layer",
+        "base": {**_identity(base), "config": base.get_config(self)},
+        "sparse": self.mask_options.get_config(),
+    }
+
+
+def _class_of(identity):
+    """The registered class an identity names (a subclass of a stock layer is always one:
+    a model holding an unregistered class cannot be saved)."""
+    cls = keras.saving.get_registered_object(identity["registered_name"])
+    if cls is None:
+        raise ValueError(
+            f"The saved model uses the layer class {identity['registered_name']!r}, which is "
+            "not registered: import the package that defines it before loading."
+        )
+    return cls
+
+
+@keras.saving.register_keras_serializable(package="keras_sparse", name="Converted")
+class Converted:
+    """How a file restores a converted subclass of a stock layer, and an owner with a plan.
+
+    Only its `from_config` is used: it returns the restored layer, never an
+    instance of this class.
+    """
+
+    def get_config(self):  # pragma: no cover -- required by the registry, never called
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        base = config["base"]
+        if config["kind"] == "layer":
+            sparse = sparse_class_for(_class_of(base))
+            return sparse.from_config({**base["config"], **config["sparse"]})
+        owner = keras.saving.deserialize_keras_object(base)
+        _become_owner(owner)
+        owner._sparse_plan = [dict(entry) for entry in config["converted"]]
+        if owner.built:
+            owner._apply_sparse_plan()
+        return owner
+
+
+# ------------------------------------------------------ in-place conversion
+
+
+def _refresh_call_signature(layer):
+    """What `Layer.__init__` derives from `call`'s signature, for the layer's new class."""
+    signature = inspect.signature(layer.call)
+    layer._call_signature = signature
+    layer.call_signature_parameters = [p.name for p in signature.parameters.values()]
+    layer._call_has_training_arg = "training" in layer.call_signature_parameters
+    layer._call_has_mask_arg = "mask" in layer.call_signature_parameters
+    layer._call_has_context_arg = {
+        arg: (arg in layer.call_signature_parameters) for arg in layer._call_context_args
+    }
+
+
+def _parent_scope(layer):
+    path = getattr(layer, "path", None) or layer.name
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def check_options(options):
+    """`options` (a dict of pruning arguments) validated, or the layer's own error."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(
+            f"Unknown pruning arguments {unknown}: expected some of {list(OPTION_NAMES)}. "
+            f"Received: {', '.join(f'{k}={options[k]!r}' for k in unknown)}"
+        )
+    return MaskOptions.check(**options)
+
+
+def convert_layer(layer, options=None):
+    """Turn the built stock layer `layer` into its sparse class, in place; returns it.
+
+    The kernel keeps its values, and thresholds start at
+    `threshold_initializer` (zeros: the hard mask keeps every weight, so the
+    layer's inference outputs are unchanged). With the default temperature,
+    it is set from the kernel's spread (`10 / std(kernel)`).
+
+    Args:
+        layer: A built instance of a class in `SPARSE_CLASSES` or a
+            subclass of one.
+        options: Pruning arguments, as `SparseLinear` takes them.
+    """
+    cls = sparse_class_for(type(layer))
+    if cls is None:
+        raise ValueError(f"Layer '{layer.name}' ({type(layer).__name__}) has no sparse version.")
+    if not layer.built:
+        raise ValueError(
+            f"Layer '{layer.name}' is not built: build the model (call it on data, or "
+            "start it with keras.Input) before converting it."
+        )
+    if getattr(layer, "quantization_mode", None):
+        raise ValueError(
+            f"Layer '{layer.name}' is quantized ({layer.quantization_mode!r}): prune the "
+            "float model, then quantize it."
+        )
+    options = check_options(dict(options or {}))
+    if options.granularity == "n:m" and not cls._n_m_supported():
+        MaskOptions.check(n_m_supported=False, **options.get_config())
+    tracker_was_locked = layer._tracker.locked
+    layer._tracker.unlock()
+    stock_dict = dict(layer.__dict__)
+    try:
+        layer.__class__ = cls
+        # Keras wraps `build` and `quantize` per instance around the old
+        # class's methods; the built layer needs neither wrapper.
+        for name in ("build", "quantize"):
+            layer.__dict__.pop(name, None)
+        object.__setattr__(layer, "mask_options", options)
+        object.__setattr__(layer, "_kernel_masks", {})
+        for name in cls.masked_kernels:
+            if name in layer.__dict__:  # a plain attribute in the stock class
+                layer.__dict__["_" + name] = layer.__dict__.pop(name)
+        _refresh_call_signature(layer)
+        with contextlib.ExitStack() as scopes:
+            # The masks' variable paths continue the kernel's (`parent/layer/threshold`).
+            for name in filter(None, _parent_scope(layer).split("/")):
+                scopes.enter_context(keras.name_scope(name))
+            layer._build_masks()
+    except BaseException:
+        layer.__class__ = _stock_class_of(cls)
+        layer.__dict__.clear()
+        layer.__dict__.update(stock_dict)
+        raise
+    finally:
+        if tracker_was_locked:
+            layer._tracker.lock()
+    return layer
+
+
+def _stock_class_of(cls):
+    mro = cls.__mro__
+    return mro[mro.index(SparseKernelMixin) + 1]
+
+
+@functools.cache
+def _stock_identity(cls):
+    """How Keras names the stock class `cls` in a saved config."""
+    from keras.src.saving import serialization_lib
+
+    probe = serialization_lib.serialize_with_public_class(cls)
+    return {key: probe[key] for key in ("module", "class_name", "registered_name")}
+
+
+def stock_config(config):
+    """A serialized model config with every keras-sparse class replaced by its stock class.
+
+    Sparse layers lose their pruning arguments, owners their plans, a
+    `SparseMultiHeadAttention` becomes a `MultiHeadAttention`.
+    """
+    if isinstance(config, list):
+        return [stock_config(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    name = config.get("registered_name") or ""
+    if name == _SAVED_NAME:
+        inner = config["config"]
+        base = inner["base"]
+        replaced = {**config, **base, "config": stock_config(base["config"])}
+        if inner["kind"] == "layer":
+            replaced["config"] = _without_options(replaced["config"])
+        return replaced
+    if name.startswith("keras_sparse>") and "config" in config:
+        cls = keras.saving.get_registered_object(name)
+        stock = _stock_class_of(cls) if issubclass(cls, SparseKernelMixin) else cls.__mro__[1]
+        return {
+            **config,
+            **_stock_identity(stock),
+            "config": _without_options(stock_config(config["config"])),
+        }
+    return {key: stock_config(value) for key, value in config.items()}
+
+
+def _without_options(config):
+    return {key: value for key, value in config.items() if key not in OPTION_NAMES}
+
+
+def copy_stock_weights(source, target):
+    """Copy `source`'s own weights into its stock twin `target`, kernels as pruned."""
+    own = source._trainable_variables + source._non_trainable_variables
+    kernels = {}
+    if isinstance(source, SparseKernelMixin):
+        mask_variables = {id(v) for mask in source.masks.values() for v in mask.variables}
+        own = [v for v in own if id(v) not in mask_variables]
+        # `kernel * mask` gives -0.0 for pruned negative weights; `+ 0.0`
+        # makes every pruned weight +0.0, so all zeros have the same bytes.
+        kernels = {
+            id(mask.kernel): ops.add(mask.effective_weight(), 0.0) for mask in source.masks.values()
+        }
+    destination = target._trainable_variables + target._non_trainable_variables
+    if len(own) != len(destination):
+        raise ValueError(
+            f"strip(): layer '{source.name}' has {len(own)} weights to copy but its stock "
+            f"twin '{target.name}' ({type(target).__name__}) has {len(destination)}."
+        )
+    for variable, twin in zip(own, destination):
+        # A copy: JAX may delete a buffer that two models share.
+        twin.assign(kernels.get(id(variable), ops.copy(variable.value)))
+
+
+# --------------------------------------------------------------- owners
+
+
+class SparseOwnerMixin:
+    """A layer whose rebuilt-in-code sublayers were converted: it saves and replays the plan."""
+
+    def get_config(self):
+        base = type(self).__mro__[2]  # (owner class, mixin, base, ...)
+        return {
+            "kind": "owner",
+            "base": {**_identity(base), "config": base.get_config(self)},
+            "converted": [dict(entry) for entry in self._sparse_plan],
+        }
+
+    def _post_build(self):
+        super()._post_build()
+        self._apply_sparse_plan()
+
+    def build_from_config(self, config):
+        # A subclassed model is built by running its call, without `_post_build`.
+        super().build_from_config(config)
+        self._apply_sparse_plan()
+
+    def _apply_sparse_plan(self):
+        for entry in self._sparse_plan:
+            target = resolve_path(self, entry["path"])
+            if isinstance(target, SparseKernelMixin):
+                continue  # converted already
+            cls = sparse_class_for(type(target))
+            if cls is not None and target.built:
+                convert_layer(target, entry["sparse"])
+            elif cls is not None:
+                # Built later, on its first call: a fresh sparse layer in its place.
+                config = {**target.get_config(), **entry["sparse"]}
+                replace_sublayer(self, entry["path"], cls.from_config(config))
+            else:
+                raise ValueError(
+                    f"The saved model pruned a layer at {'.'.join(map(str, entry['path']))} "
+                    f"of '{self.name}', but the rebuilt model holds {target!r} there."
+                )
+
+
+@functools.cache
+def _owner_class(cls):
+    owner = type(
+        cls.__name__,
+        (SparseOwnerMixin, cls),
+        {"__module__": __name__, "__doc__": cls.__doc__},
+    )
+    _register_saved_name(owner)
+    return owner
+
+
+def _become_owner(layer):
+    if not isinstance(layer, SparseOwnerMixin):
+        layer.__class__ = _owner_class(type(layer))
+        object.__setattr__(layer, "_sparse_plan", [])
+
+
+def _attributes(layer):
+    items = dict(vars(layer))
+    items.update(getattr(layer, "_modules", None) or {})  # PyTorch keeps sublayers there
+    return items
+
+
+def find_path(owner, target):
+    """The attribute path from `owner` to `target` (names, list indices, dict keys), or `None`."""
+    queue, seen = [(owner, [])], {id(owner)}
+    while queue:
+        obj, path = queue.pop(0)
+        if isinstance(obj, keras.layers.Layer):
+            children = sorted(
+                (name, value)
+                for name, value in _attributes(obj).items()
+                if name not in ("_layers", "_tracker", "_inbound_nodes", "_outbound_nodes")
+                and not name.startswith("__")
+            )
+        elif isinstance(obj, (list, tuple)):
+            children = list(enumerate(obj))
+        elif isinstance(obj, dict):
+            children = [(k, v) for k, v in obj.items() if isinstance(k, str)]
+        else:
+            continue
+        for key, value in children:
+            if value is target:
+                return path + [key]
+            if isinstance(value, (keras.layers.Layer, list, tuple, dict)) and id(value) not in seen:
+                seen.add(id(value))
+                queue.append((value, path + [key]))
+    return None
+
+
+def replace_sublayer(owner, path, new):
+    """Put `new` where `path` leads from `owner`, at the same place in Keras's tracking."""
+    holder = resolve_path(owner, path[:-1])
+    old = resolve_path(owner, path)
+    tracked = [h for h in (holder, resolve_path(owner, path[:-2]) if len(path) > 1 else None)]
+    tracked = [h for h in tracked if isinstance(h, keras.layers.Layer)][:1]
+    parent = tracked[0] if tracked else owner
+    layers = parent._layers
+    index = next((i for i, layer in enumerate(layers) if layer is old), len(layers))
+    was_locked = parent._tracker.locked
+    parent._tracker.unlock()
+    try:
+        parent._tracker.untrack(old)
+        if isinstance(path[-1], int) or isinstance(holder, dict):
+            holder[path[-1]] = new
+        else:
+            setattr(holder, path[-1], new)
+        if new in layers:
+            layers.remove(new)
+            layers.insert(index, new)
+    finally:
+        if was_locked:
+            parent._tracker.lock()
+
+
+def resolve_path(owner, path):
+    obj = owner
+    for key in path:
+        obj = obj[key] if isinstance(key, int) or isinstance(obj, dict) else getattr(obj, key)
+    return obj
+
+
+def _captures(parent, child):
+    """Whether `parent` saves `child`'s class and config (a functional graph or Sequential)."""
+    from keras.src.models.functional import Functional
+
+    for container in (keras.Sequential, Functional):
+        if isinstance(parent, container) and type(parent).get_config is container.get_config:
+            return child in parent.layers
+    return False
+
+
+def record_conversion(root, layer, parents, options):
+    """Note in the owner of `layer` (if it has one) that `layer` was converted with `options`.
+
+    `parents` maps `id(layer) -> parent` for the walk of `root`.
+    """
+    parent = parents[id(layer)]
+    if _captures(parent, layer):
+        return None
+    owner = parent
+    while owner is not root and not _captures(parents[id(owner)], owner):
+        owner = parents[id(owner)]
+    path = find_path(owner, layer)
+    if path is None:
+        raise ValueError(
+            f"Cannot find layer '{layer.name}' among the attributes of '{owner.name}', so "
+            "its conversion could not be saved with the model."
+        )
+    _become_owner(owner)
+    owner._sparse_plan.append({"path": path, "sparse": dict(options)})
+    return owner
+
+
+def parent_map(root):
+    return {id(layer): parent for layer, parent in walk(root)}

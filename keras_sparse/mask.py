@@ -1,0 +1,611 @@
+"""`KernelMask`: the learnable pruning mask of one kernel, whatever layer holds it.
+
+A kernel of any rank is split into *output axes* (the units a pruning
+decision can cover: a Dense neuron, a conv filter, an EinsumDense output
+unit, an Embedding row) and *reduction axes* (the others). Everything else
+is the same for every layer type, so it lives here once:
+
+* the state: a trainable `threshold` (one per output unit, or one per
+  weight), a boolean `prune_mask` of what `hard_prune()` removed for good,
+  the `temperature`, and the `sparsity_penalty` a driver sets;
+* the formulas, in `keras.ops`: the soft mask
+  `sigmoid((|kernel| - threshold) * temperature)` at the layer's
+  granularity, the hard mask `|kernel| >= threshold`, the straight-through
+  mix, and TensorFlow's hand-fused gradient;
+* the seed's methods: `density`, `num_active`, `effective_weight`,
+  `hard_prune`, `reset_threshold`.
+
+A layer owns one `KernelMask` per pruned kernel; the variables are the
+layer's own (created with `layer.add_weight`), so they are saved, laid out
+and trained like any of its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import constraints, initializers, ops, regularizers
+
+from keras_sparse.granularity import (
+    DEFAULT_N_M,
+    GRANULARITIES,
+    check_n_m,
+    n_m_boundary,
+    n_m_keep,
+    neuron_scores,
+)
+
+# The mask's transition band is about 4 / temperature wide in weight units.
+# Tying the default temperature to the kernel's spread at build time makes the
+# same default equally sharp in a 784x300 layer and a 64x10 one:
+# `temperature = DEFAULT_RELATIVE_TEMPERATURE / std(kernel)`.
+DEFAULT_RELATIVE_TEMPERATURE = 10.0
+
+INFERENCE_MASKS = ("hard", "soft")
+
+# What `KernelMask.sparsity_state` holds, in order: the training steps a driver
+# has taken; its log-penalty strength; the hard density measured at the last
+# driven step; the weight scale its temperatures are relative to (0: not set
+# yet); and whether its mask is frozen (1: training keeps the mask fixed).
+STATE_FIELDS = ("step", "log_penalty", "hard_density", "weight_scale", "frozen")
+
+# Replicas (tf.distribute) compute the same value for these variables.
+_REPLICATED = "only_first_replica"
+
+
+# ------------------------------------------------------------------ options
+
+
+def check_temperature(value):
+    """`value` as a positive finite float, or an error that names it."""
+    if isinstance(value, bool):
+        value = None  # refused below: a bool is not a temperature
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            "Received an invalid value for `temperature`, expected a positive "
+            f"finite number. Received: temperature={value!r}"
+        ) from None
+    if not math.isfinite(as_float) or as_float <= 0:
+        raise ValueError(
+            "Received an invalid value for `temperature`, expected a positive "
+            f"finite number. Received: temperature={value!r}"
+        )
+    return as_float
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"Received an invalid value for `{name}`, expected a bool. Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskOptions:
+    """The pruning arguments every sparse layer takes (see `SparseLinear` for their meaning)."""
+
+    structured: bool = True
+    temperature: float | None = None
+    threshold_initializer: object = "zeros"
+    threshold_regularizer: object = None
+    threshold_constraint: object = "non_neg"
+    straight_through: bool = False
+    inference_mask: str = "hard"
+    granularity: str = "weight"
+    n_m: tuple | None = None
+
+    @classmethod
+    def check(cls, n_m_supported=True, **arguments):
+        """Validated options, or a clear error naming the argument and its value."""
+        options = cls(**arguments)
+        structured = _check_bool("structured", options.structured)
+        straight_through = _check_bool("straight_through", options.straight_through)
+        temperature = options.temperature
+        if temperature is not None:
+            temperature = check_temperature(temperature)
+        if options.inference_mask not in INFERENCE_MASKS:
+            raise ValueError(
+                "Received an invalid value for `inference_mask`, expected one "
+                f"of {INFERENCE_MASKS}. Received: inference_mask={options.inference_mask!r}"
+            )
+        granularity = options.granularity
+        if granularity not in GRANULARITIES:
+            raise ValueError(
+                "Received an invalid value for `granularity`, expected one of "
+                f"{GRANULARITIES}. Received: granularity={granularity!r}"
+            )
+        if granularity != "weight" and not structured:
+            raise ValueError(
+                f"Received an invalid value for `structured`: granularity={granularity!r} "
+                "has one threshold per output unit, so `structured` must be True. "
+                f"Received: structured={options.structured!r}"
+            )
+        n_m = options.n_m
+        if granularity == "n:m":
+            if not n_m_supported:
+                raise ValueError(
+                    "Received an invalid value for `granularity`: this layer's kernel has "
+                    "no reduction axis along which N:M groups could run. Use 'weight' or "
+                    f"'neuron'. Received: granularity={granularity!r}"
+                )
+            n_m = check_n_m(DEFAULT_N_M if n_m is None else n_m)
+        elif n_m is not None:
+            raise ValueError(
+                "Received an invalid value for `n_m`: it applies to granularity='n:m' "
+                f"only. Received: n_m={n_m!r}, granularity={granularity!r}"
+            )
+        return dataclasses.replace(
+            options,
+            structured=structured,
+            straight_through=straight_through,
+            temperature=temperature,
+            threshold_initializer=initializers.get(options.threshold_initializer),
+            threshold_regularizer=regularizers.get(options.threshold_regularizer),
+            threshold_constraint=constraints.get(options.threshold_constraint),
+            n_m=n_m,
+        )
+
+    def get_config(self):
+        return {
+            "structured": self.structured,
+            "temperature": self.temperature,
+            "threshold_initializer": initializers.serialize(self.threshold_initializer),
+            "threshold_regularizer": regularizers.serialize(self.threshold_regularizer),
+            "threshold_constraint": constraints.serialize(self.threshold_constraint),
+            "straight_through": self.straight_through,
+            "inference_mask": self.inference_mask,
+            "granularity": self.granularity,
+            "n_m": self.n_m,
+        }
+
+
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(MaskOptions))
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@ops.custom_gradient
+def _unmasked(kernel, prune_mask):
+    """`kernel` as it is, with the gradient of `kernel * prune_mask`.
+
+    The inference path of a hard-pruned mask: the value needs no mask (the
+    pruned entries are zero), and the gradient still stops at pruned weights,
+    so fine-tuning through `training=False` cannot bring them back.
+    """
+
+    def grad(*args, upstream=None):
+        if upstream is None:  # JAX and TensorFlow pass it positionally
+            (upstream,) = args
+        return upstream * ops.cast(prune_mask, upstream.dtype), None
+
+    return kernel, grad
+
+
+@ops.custom_gradient
+def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
+    """`(kernel * mask, mean(mask))` for the seed's mask, with a hand-fused gradient.
+
+    `mask = sigmoid((|kernel| - threshold) * temperature) * prune_mask`, where
+    `threshold` has the kernel's rank (size 1 on the reduction axes when there
+    is one threshold per output unit). The backward pass recomputes the
+    sigmoid instead of keeping it, and computes both inputs' gradients from
+    one shared factor, `u = prune_mask * temperature * s * (1 - s)`:
+
+        d/dthreshold (per weight) = -(g_w * kernel + g_mean / size) * u
+        d/dkernel                 = g_w * mask - sign(kernel) * d/dthreshold
+
+    Used on TensorFlow only, the one backend where it measured faster than
+    autodiff (`benchmarks/compare_revisions.py`): XLA fuses JAX's autodiff
+    alike, and Keras's PyTorch custom gradients take one output only.
+    """
+    soft = ops.sigmoid((ops.abs(kernel) - threshold) * temperature)
+    mask = soft * ops.cast(prune_mask, soft.dtype)
+    size = float(np.prod(kernel.shape))
+    summed_axes = tuple(
+        axis for axis, (t, k) in enumerate(zip(threshold.shape, kernel.shape)) if t == 1 and k != 1
+    )
+
+    def grad(*upstreams, upstream=None):
+        if upstream is None:  # TensorFlow: one argument per output; JAX: one tuple
+            upstream = upstreams if len(upstreams) == 2 else upstreams[0]
+        grad_kernel_out, grad_mean = upstream
+        factor = mask * (1.0 - soft) * temperature
+        grad_threshold = -(grad_kernel_out * kernel + grad_mean / size) * factor
+        grad_kernel = grad_kernel_out * mask - ops.sign(kernel) * grad_threshold
+        if summed_axes:  # one threshold per output unit
+            grad_threshold = ops.sum(grad_threshold, axis=summed_axes, keepdims=True)
+        return grad_kernel, grad_threshold, None, None
+
+    return (kernel * mask, ops.mean(mask)), grad
+
+
+# -------------------------------------------------------------- the component
+
+
+def compute_fans(shape):
+    """`(fan_in, fan_out)` of a kernel shape, as Keras's initializers count them."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive_field = math.prod(shape[:-2])
+    return shape[-2] * receptive_field, shape[-1] * receptive_field
+
+
+def _initializer_std(initializer, shape):
+    """The standard deviation a kernel initializer draws with, without drawing."""
+    if isinstance(initializer, initializers.VarianceScaling):
+        fan_in, fan_out = compute_fans(shape)
+        fan = {"fan_in": fan_in, "fan_out": fan_out}.get(initializer.mode, (fan_in + fan_out) / 2)
+        return math.sqrt(initializer.scale / max(1.0, fan))
+    sample = initializer(shape=tuple(shape), dtype="float32")
+    return float(np.std(ops.convert_to_numpy(sample)))
+
+
+def _recording_gradients():
+    """Whether the backend may differentiate the current call.
+
+    Only PyTorch says no (`torch.no_grad()`, as in `model.predict`); there
+    the plain inference path skips `_unmasked`, whose Python cost shows in an
+    eager batch-1 call (`benchmarks/speed.py` measures it).
+    """
+    if keras.backend.backend() != "torch":
+        return True
+    import torch
+
+    return torch.is_grad_enabled()
+
+
+class KernelMask:
+    """The pruning mask of one kernel of `layer`: its variables and every formula.
+
+    Args:
+        layer: The layer holding the kernel (the mask's variables are
+            created on it).
+        kernel_name: The attribute through which the layer reads the kernel
+            (`"kernel"`, `"embeddings"`, `"depthwise_kernel"`, ...); the raw
+            variable is stored at `"_" + kernel_name`.
+        output_axes: The kernel's axes that index output units.
+        n_m_axis: The reduction axis along which N:M groups run (`None`: the
+            kernel has none and granularity `"n:m"` is refused).
+        options: The layer's `MaskOptions`.
+        prefix: Put before each variable's name, for layers with several
+            kernels (`"depthwise_threshold"`, ...).
+    """
+
+    def __init__(self, layer, kernel_name, output_axes, n_m_axis, options, prefix=""):
+        self.layer = layer
+        self.kernel_name = kernel_name
+        self._output_axes = tuple(output_axes)
+        self._n_m_axis = n_m_axis
+        self.options = options
+        self.prefix = prefix
+        self.built = False
+        # Inference may skip the mask: set by `hard_prune()`, cleared by
+        # training and `reset_threshold()` (see `hard_prune`).
+        self._plain_inference = False
+        # A call took the plain path since `hard_prune()`: compiled inference
+        # functions (a model's cached predict step) may hold it.
+        self._plain_traced = False
+        # Called in training mode, eagerly or while a train step was traced.
+        self._seen_training = False
+        # The sparsity driver that steers this mask inside the train step
+        # (`SparsityScheduler` while it trains), and whether the mask is
+        # frozen: then training multiplies by `prune_mask` alone.
+        self.driver = None
+        self.frozen = False
+
+    def __repr__(self):
+        return f"<KernelMask {self.layer.name}.{self.kernel_name} {self.shape}>"
+
+    # -------------------------------------------------------------- state
+
+    @property
+    def kernel(self):
+        """The raw kernel variable (unmasked)."""
+        return getattr(self.layer, "_" + self.kernel_name)
+
+    def build(self, initializer=None):
+        """Create the mask's variables on the layer, for the layer's kernel as it is now."""
+        shape = tuple(int(d) for d in self.kernel.shape)
+        rank = len(shape)
+        self.shape = shape
+        self.size = math.prod(shape)
+        self.output_axes = tuple(sorted(a % rank for a in self._output_axes))
+        self.reduce_axes = tuple(a for a in range(rank) if a not in self.output_axes)
+        self.n_m_axis = None if self._n_m_axis is None else self._n_m_axis % rank
+        self.unit_shape = tuple(shape[a] for a in self.output_axes)
+        self.broadcast_shape = tuple(shape[a] if a in self.output_axes else 1 for a in range(rank))
+        options = self.options
+        layer, prefix = self.layer, self.prefix
+        self.threshold = layer.add_weight(
+            name=prefix + "threshold",
+            shape=self.unit_shape if options.structured else shape,
+            initializer=options.threshold_initializer,
+            regularizer=options.threshold_regularizer,
+            constraint=options.threshold_constraint,
+            dtype="float32",
+            autocast=False,
+        )
+        # Weights removed by `hard_prune()`: True = alive, False = pruned for
+        # good. It multiplies the mask in every mode, so no later training can
+        # bring a pruned weight back (its gradient is zero). Boolean: a
+        # quarter of a float32 kernel's bytes, resident and read every step.
+        self.prune_mask = layer.add_weight(
+            name=prefix + "prune_mask",
+            shape=shape,
+            initializer="ones",
+            trainable=False,
+            dtype="bool",
+            autocast=False,
+        )
+        temperature = options.temperature
+        if temperature is None:
+            temperature = self.scale_free_temperature(DEFAULT_RELATIVE_TEMPERATURE, initializer)
+        self._temperature = layer.add_weight(
+            name=prefix + "temperature",
+            shape=(),
+            initializer=initializers.Constant(temperature),
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            aggregation=_REPLICATED,
+        )
+        # Strength of the penalty `sparsity_penalty * mean(soft mask)` added
+        # to the loss in training. Zero (no force) unless a driver such as
+        # `keras_sparse.SparsityScheduler` sets it.
+        self.sparsity_penalty = layer.add_weight(
+            name=prefix + "sparsity_penalty",
+            shape=(),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            aggregation=_REPLICATED,
+        )
+        # A sparsity driver's state, updated inside the compiled train step
+        # and saved with the model, so that training resumes where it
+        # stopped: see `STATE_FIELDS`.
+        self.sparsity_state = layer.add_weight(
+            name=prefix + "sparsity_state",
+            shape=(len(STATE_FIELDS),),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            aggregation=_REPLICATED,
+        )
+        self.built = True
+
+    @property
+    def variables(self):
+        """The mask's variables, in the order they are created and saved."""
+        return [
+            self.threshold,
+            self.prune_mask,
+            self._temperature,
+            self.sparsity_penalty,
+            self.sparsity_state,
+        ]
+
+    def state(self, field):
+        """One field of `sparsity_state` (a scalar tensor)."""
+        return self.sparsity_state[STATE_FIELDS.index(field)]
+
+    def scale_free_temperature(self, relative_temperature, initializer=None):
+        """`relative_temperature / std(kernel)`: one sharpness for every weight scale."""
+        try:
+            std = float(ops.convert_to_numpy(ops.std(self.kernel.value)))
+        except Exception:
+            # Built inside a traced function (e.g. `fit` on a model without
+            # `keras.Input`): the kernel has no value yet. Use the spread its
+            # initializer promises instead.
+            std = _initializer_std(initializer, self.kernel.shape) if initializer else 0.0
+        if not math.isfinite(std) or std <= 0:
+            return float(relative_temperature)
+        return float(relative_temperature) / std
+
+    @property
+    def temperature(self):
+        return float(ops.convert_to_numpy(self._temperature.value))
+
+    @temperature.setter
+    def temperature(self, value):
+        self._temperature.assign(check_temperature(value))
+
+    # ---------------------------------------------------------- formulas
+    #
+    # Every branch below is taken on Python state (`training`, the options,
+    # `_plain_inference`), never on a weight's value: a call makes no
+    # host-device round trip and a compiled step holds one path only.
+
+    def _broadcast(self, threshold):
+        """A per-unit threshold reshaped to broadcast against the kernel."""
+        threshold = ops.convert_to_tensor(threshold)
+        if self.options.structured:
+            return ops.reshape(threshold, self.broadcast_shape)
+        return threshold
+
+    def _prune_mask_float(self):
+        return ops.cast(self.prune_mask.value, "float32")
+
+    def soft(self, kernel):
+        """The seed's mask, `sigmoid((|kernel| - threshold) * temperature)`, at the granularity."""
+        granularity = self.options.granularity
+        prune_mask = self._prune_mask_float()
+        threshold = self._broadcast(self.threshold)
+        if granularity == "neuron":
+            magnitude = neuron_scores(kernel, prune_mask, self.reduce_axes, differentiable=True)
+        else:
+            magnitude = ops.abs(kernel)
+            if granularity == "n:m":
+                boundary = n_m_boundary(magnitude * prune_mask, *self.options.n_m, self.n_m_axis)
+                threshold = ops.maximum(threshold, boundary)
+        return ops.sigmoid((magnitude - threshold) * self._temperature.value) * prune_mask
+
+    def keep(self, kernel):
+        """Boolean, kernel-shaped: what the hard mask keeps (`prune_mask` included).
+
+        A frozen mask keeps exactly `prune_mask`, whatever its threshold does.
+        """
+        if self.frozen:
+            return ops.convert_to_tensor(self.prune_mask)
+        granularity = self.options.granularity
+        threshold = self._broadcast(self.threshold)
+        if granularity == "neuron":
+            scores = neuron_scores(kernel, self._prune_mask_float(), self.reduce_axes)
+            keep = ops.broadcast_to(ops.greater_equal(scores, threshold), self.shape)
+        else:
+            magnitude = ops.abs(kernel)
+            keep = ops.greater_equal(magnitude, threshold)
+            if granularity == "n:m":
+                alive = magnitude * self._prune_mask_float()
+                pattern = n_m_keep(alive, *self.options.n_m, self.n_m_axis)
+                keep = ops.logical_and(keep, pattern)
+        return ops.logical_and(keep, self.prune_mask.value)
+
+    def hard(self, kernel):
+        """`|kernel| >= threshold` (at the granularity) as float32, pruned weights at zero."""
+        return ops.cast(self.keep(kernel), "float32")
+
+    def _fused_training(self):
+        """Whether training takes `_soft_masked_kernel` (see there)."""
+        return (
+            keras.backend.backend() == "tensorflow"
+            and self.options.granularity == "weight"
+            and not self.options.straight_through
+        )
+
+    def _start_training(self):
+        self._seen_training = True
+        if self._plain_inference and self._plain_traced:
+            warnings.warn(
+                f"Layer '{self.layer.name}' is trained after `hard_prune()`: inference "
+                "functions compiled since then (such as a model's cached predict or "
+                "evaluate step) use the kernel without its mask. Call `hard_prune()` "
+                "again after training so that they stay exact.",
+                stacklevel=4,
+            )
+        self._plain_inference = False
+
+    def masked_kernel(self, training):
+        """The kernel as the layer's call should use it (float32), in training or inference.
+
+        Training: `kernel * soft_mask` (or the straight-through mix), and the
+        penalty `sparsity_penalty * mean(mask)` added to the layer's losses.
+        Inference: `kernel * hard_mask` (or the soft mask with
+        `inference_mask="soft"`), or the kernel itself after `hard_prune()`.
+        """
+        kernel = self.kernel.value
+        if training:
+            self._start_training()
+            if self.frozen:
+                # The driver fixed the mask: no sigmoid, no penalty. The zero
+                # term keeps the threshold in the graph, so that it gets a
+                # (zero) gradient: DistributedDataParallel refuses parameters
+                # without one, and TensorFlow warns about them.
+                self.layer.add_loss(0.0 * ops.sum(self.threshold.value))
+                return kernel * self._prune_mask_float()
+            if self.driver is not None:
+                count = ops.sum(ops.cast(self.keep(kernel), "float32"))
+                self.driver.drive(self, count)
+            if self._fused_training():
+                # Tensors, not variables: a custom gradient must not read variables.
+                masked, density = _soft_masked_kernel(
+                    ops.copy(kernel),
+                    ops.copy(self._broadcast(self.threshold)),
+                    ops.copy(self.prune_mask.value),
+                    ops.copy(self._temperature.value),
+                )
+            else:
+                mask = self.soft(kernel)
+                if self.options.straight_through:
+                    # Hard mask forward, sigmoid gradient backward.
+                    mask = mask + ops.stop_gradient(self.hard(kernel) - mask)
+                # The mean first: PyTorch's eager backward then holds one
+                # kernel-sized gradient fewer at its peak (measured with
+                # benchmarks/compare_revisions.py).
+                density = ops.mean(mask)
+                masked = kernel * mask
+            self.layer.add_loss(self.sparsity_penalty * density)
+            return masked
+        if self.options.inference_mask == "soft":
+            return kernel * self.soft(kernel)
+        if not self._plain_inference:
+            return kernel * self.hard(kernel)
+        self._plain_traced = True
+        if not _recording_gradients():
+            return kernel
+        return _unmasked(kernel, self.prune_mask.value)
+
+    # ------------------------------------------------------ the seed's API
+
+    def num_active(self):
+        """Number of weights the hard mask keeps."""
+        return int(ops.convert_to_numpy(ops.sum(ops.cast(self.keep(self.kernel.value), "int32"))))
+
+    def alive_units(self):
+        """Number of output units with at least one active weight."""
+        keep = self.keep(self.kernel.value)
+        if self.reduce_axes:
+            keep = ops.any(keep, axis=self.reduce_axes)
+        return int(ops.convert_to_numpy(ops.sum(ops.cast(keep, "int32"))))
+
+    def density(self):
+        return self.num_active() / self.size
+
+    def effective_weight(self):
+        """`kernel * hard_mask`, the kernel's shape; the layer is unchanged."""
+        kernel = self.kernel.value
+        return kernel * self.hard(kernel)
+
+    def hard_prune(self):
+        """Zero the weights below the threshold, record them in `prune_mask`, reset the threshold.
+
+        Runs on the device and keeps each variable's sharding: nothing is
+        gathered to the host.
+        """
+        keep = self.keep(self.kernel.value)
+        self.kernel.assign(ops.where(keep, self.kernel.value, 0.0))
+        self.prune_mask.assign(keep)
+        self.threshold.assign(ops.zeros(self.threshold.shape))
+        self._plain_inference = not self._seen_training
+
+    def threshold_values(self, value):
+        """`value` checked and broadcast to the threshold's shape (float32), or a clear error."""
+        try:
+            array = np.asarray(value, dtype="float32")
+        except (TypeError, ValueError):
+            raise TypeError(
+                "Received an invalid value for `value`, expected a non-negative "
+                f"finite number or array. Received: value={value!r}"
+            ) from None
+        if not np.all(np.isfinite(array)) or np.any(array < 0):
+            raise ValueError(
+                "Received an invalid value for `value`, expected non-negative "
+                f"finite threshold(s). Received: value={value!r}"
+            )
+        try:
+            return np.array(np.broadcast_to(array, self.threshold.shape))
+        except ValueError:
+            raise ValueError(
+                "Received an invalid value for `value`: its shape "
+                f"{array.shape} does not broadcast to the threshold's shape "
+                f"{tuple(self.threshold.shape)}. Received: value={value!r}"
+            ) from None
+
+    def reset_threshold(self, value):
+        """Set every threshold to `value` (a non-negative number, or an array that broadcasts)."""
+        self.threshold.assign(self.threshold_values(value))
+        self._plain_inference = False  # the hard mask changed: see `hard_prune()`

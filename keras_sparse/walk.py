@@ -1,0 +1,79 @@
+"""One walker over a model's layers, from Keras's own layer tracking.
+
+Keras tracks every sublayer a layer holds (in attributes, lists, dicts, or
+as a functional model's graph) in `layer._layers`; `Model.quantize()` walks
+the same tracking. Walking it reaches layers inside nested models, layers
+held as attributes of custom layers, `MultiHeadAttention`'s projections and
+keras-hub's blocks. Every model-level function of this package walks with
+`walk()`.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def _children(layer):
+    children = getattr(layer, "_layers", None)
+    if children is None:
+        children = getattr(layer, "layers", None) or []
+    return [child for child in children if isinstance(child, keras.layers.Layer)]
+
+
+def walk(root):
+    """`(layer, parent)` for every layer under `root` (not `root` itself), depth first in order.
+
+    A layer reached twice (shared) is given once, with the first parent
+    that holds it.
+    """
+    found, seen = [], {id(root)}
+    stack = [(child, root) for child in _children(root)]
+    while stack:
+        layer, parent = stack.pop(0)
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append((layer, parent))
+        stack[:0] = [(child, layer) for child in _children(layer)]
+    return found
+
+
+def walk_layers(root):
+    """Every layer under `root`, `root` included when it is a layer, depth first in order."""
+    head = [root] if isinstance(root, keras.layers.Layer) else []
+    return head + [layer for layer, _ in walk(root)]
+
+
+def sparse_layers(model):
+    """Every pruning layer (`SparseLinear`, `SparseConv2D`, ...) in `model`, at any depth."""
+    from keras_sparse.layers import SparseKernelMixin
+
+    return [layer for layer in walk_layers(model) if isinstance(layer, SparseKernelMixin)]
+
+
+def kernel_masks(model):
+    """Every `KernelMask` of `model`, in layer order (two for a separable convolution)."""
+    masks = []
+    for layer in sparse_layers(model):
+        layer._require_built("kernel_masks")
+        masks.extend(layer.masks.values())
+    return masks
+
+
+def weight_matrices(layer):
+    """The weights of `layer` itself (not of its sublayers) of rank 2 or more."""
+    own = {id(v) for child in _children(layer) for v in child.weights}
+    return [v for v in layer.weights if id(v) not in own and len(v.shape) >= 2]
+
+
+def display_names(model, layers):
+    """A unique, readable name for each layer: its name, or its path inside `model`."""
+    names = [layer.name for layer in layers]
+    if len(set(names)) == len(names):
+        return names
+    prefix = model.name + "/"
+    paths = []
+    for layer in layers:
+        path = getattr(layer, "path", None) or layer.name
+        paths.append(path[len(prefix) :] if path.startswith(prefix) else path)
+    return paths
