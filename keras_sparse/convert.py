@@ -272,7 +272,9 @@ def stock_config(config):
 
 
 def _without_options(config):
-    return {key: value for key, value in config.items() if key not in OPTION_NAMES}
+    # A LoRA update is merged into the stripped kernel (as Keras merges it on saving).
+    dropped = set(OPTION_NAMES) | {"lora_rank", "lora_alpha"}
+    return {key: value for key, value in config.items() if key not in dropped}
 
 
 def copy_stock_weights(source, target):
@@ -280,13 +282,26 @@ def copy_stock_weights(source, target):
     own = source._trainable_variables + source._non_trainable_variables
     kernels = {}
     if isinstance(source, SparseKernelMixin):
-        mask_variables = {id(v) for mask in source.masks.values() for v in mask.variables}
-        own = [v for v in own if id(v) not in mask_variables]
-        # `kernel * mask` gives -0.0 for pruned negative weights; `+ 0.0`
-        # makes every pruned weight +0.0, so all zeros have the same bytes.
-        kernels = {
-            id(mask.kernel): ops.add(mask.effective_weight(), 0.0) for mask in source.masks.values()
-        }
+        dropped = {id(v) for mask in source.masks.values() for v in mask.variables}
+        lora = getattr(source, "lora_enabled", False)
+        # A quantized layer's kernel holds the pruned weights already (quantize()
+        # hard-prunes first) and is copied as it is.
+        for mask in [] if source.quantization_mode else source.masks.values():
+            # `kernel * mask` gives -0.0 for pruned negative weights; `+ 0.0`
+            # makes every pruned weight +0.0, so all zeros have the same bytes.
+            kernel = ops.add(mask.effective_weight(), 0.0)
+            if lora:  # merged, as Keras merges a LoRA update when it saves a layer
+                a, b = (
+                    ("lora_embeddings_a", "lora_embeddings_b")
+                    if mask.kernel_name == "embeddings"
+                    else ("lora_kernel_a", "lora_kernel_b")
+                )
+                factors = getattr(source, a), getattr(source, b)
+                dropped |= {id(v) for v in factors}
+                scale = source.lora_alpha / source.lora_rank
+                kernel = kernel + scale * ops.matmul(factors[0].value, factors[1].value)
+            kernels[id(mask.kernel)] = kernel
+        own = [v for v in own if id(v) not in dropped]
     destination = target._trainable_variables + target._non_trainable_variables
     if len(own) != len(destination):
         raise ValueError(

@@ -41,7 +41,7 @@ class _Kernel:
         self.output_axes = tuple(sorted(a % rank for a in output_axes))
         self.shape = tuple(shape) if shape is not None else (None,) * rank
 
-    def axes(self, kernel_axes, structured, has_bias):
+    def axes(self, kernel_axes, structured, bias_rank):
         """`{weight name: axes}` of this kernel and its mask, from the kernel's axes."""
         units = tuple(kernel_axes[a] for a in self.output_axes)
         entries = {
@@ -52,8 +52,10 @@ class _Kernel:
             self.prefix + "sparsity_penalty": (),
             self.prefix + "sparsity_state": (None,),
         }
-        if has_bias:
-            entries["bias"] = units if len(units) == 1 else (None,)
+        if bias_rank is not None:
+            # The bias of a Dense, a conv, an EinsumDense with `bias_axes` on the
+            # kernel's output axes: laid out as those axes; any other, replicated.
+            entries["bias"] = units if len(units) == bias_rank else (None,) * bias_rank
         return entries
 
 
@@ -97,8 +99,14 @@ def _kernels(layer):
     return kernels
 
 
-def _has_bias(layer):
-    return bool(getattr(layer, "use_bias", False)) or getattr(layer, "bias", None) is not None
+def _bias_rank(layer):
+    """The rank of the layer's bias, or `None` when it has none."""
+    if layer.built:
+        bias = getattr(layer, "bias", None)
+        return None if bias is None else len(bias.shape)
+    if isinstance(layer, keras.layers.EinsumDense):
+        return len(layer.bias_axes) if layer.bias_axes else None
+    return 1 if getattr(layer, "use_bias", False) else None
 
 
 def _mesh_axis_sizes(device_mesh):
@@ -314,11 +322,11 @@ def get_layout_map(
     entries = {}
     for name_regex, layer, is_structured in _targets(layers, structured):
         if layer is None:
-            kernels, has_bias = [_Kernel("kernel", 2, (1,), "", None)], True
+            kernels, bias_rank = [_Kernel("kernel", 2, (1,), "", None)], 1
         else:
-            kernels, has_bias = _kernels(layer), _has_bias(layer)
+            kernels, bias_rank = _kernels(layer), _bias_rank(layer)
         per_weight = {}
-        for kernel in kernels:
+        for index, kernel in enumerate(kernels):
             axes = kernel_axes or _default_axes(kernel, model_parallel_dim_name)
             if len(axes) != kernel.rank:
                 raise ValueError(
@@ -328,7 +336,9 @@ def get_layout_map(
                     "another call."
                 )
             axes = _fit_to_shape(axes, kernel.shape, sizes)
-            per_weight.update(kernel.axes(axes, is_structured, has_bias))
+            # The bias follows the kernel that makes the layer's output (the last).
+            last = index == len(kernels) - 1
+            per_weight.update(kernel.axes(axes, is_structured, bias_rank if last else None))
         probes = {}
         if layer is not None and layer.built:
             probes = {w: v.path for w, v in _layer_variables(layer).items()}
@@ -420,11 +430,12 @@ def validate_layout_map(layout_map, model):
                 )
                 continue
             found[weight] = axes
-        has_bias = _has_bias(layer)
-        for kernel in _kernels(layer):
+        kernels = _kernels(layer)
+        for kernel in kernels:
             if kernel.name not in found:
                 continue
-            expected = kernel.axes(found[kernel.name], layer.structured, has_bias)
+            bias_rank = _bias_rank(layer) if kernel is kernels[-1] else None
+            expected = kernel.axes(found[kernel.name], layer.structured, bias_rank)
             for weight, axes in expected.items():
                 if weight in found and found[weight] != axes:
                     problems.append(

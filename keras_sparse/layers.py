@@ -240,11 +240,21 @@ class SparseKernelMixin:
         # read without autocasting: the mask is computed in float32 and only
         # the masked kernel is cast to the compute dtype. Other weights follow
         # the policy, as in the stock layer.
-        if name in self.masked_kernels:
+        if name in self.masked_kernels and (dtype is None or keras.backend.is_float_dtype(dtype)):
             dtype, autocast = "float32", False
         return super().add_weight(*args, name=name, dtype=dtype, autocast=autocast, **kwargs)
 
     def _build_masks(self):
+        # A stock build that enables LoRA (`lora_rank=`) locks the state early.
+        was_locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            self._create_masks()
+        finally:
+            if was_locked:
+                self._tracker.lock()
+
+    def _create_masks(self):
         masks = {}
         for name, spec in self.masked_kernels.items():
             output_axes, n_m_axis = spec.output_axes, spec.n_m_axis
@@ -262,14 +272,36 @@ class SparseKernelMixin:
 
     # ------------------------------------------------------- saving
 
+    def _saved_variables(self):
+        """Every variable, in the order files hold them: the stock layer's (in its own
+        serialization order when it has one, as a quantized layer's), then each mask's."""
+        masks = list(self._kernel_masks.values())
+        mask_variables = [v for mask in masks for v in mask.variables]
+        taken = {id(v) for v in mask_variables}
+        own = [
+            v
+            for v in self._trainable_variables + self._non_trainable_variables
+            if id(v) not in taken
+        ]
+        spec = getattr(self, "variable_serialization_spec", None) or {}
+        names = spec.get(self.quantization_mode, [])
+        ordered = []
+        for name in names:
+            variable = getattr(self, "_" + name, None) if name in self.masked_kernels else None
+            variable = variable if variable is not None else getattr(self, name, None)
+            if variable is not None and any(variable is v for v in own):
+                ordered.append(variable)
+        ordered += [v for v in own if not any(v is o for o in ordered)]
+        return ordered + mask_variables
+
     def save_own_variables(self, store):
-        # Every variable, the masks' too, in creation order (the stock
-        # layers' own `save_own_variables` would save their kernel and bias
-        # only).
-        keras.layers.Layer.save_own_variables(self, store)
+        # Every variable, the masks' too (the stock layers' own method would
+        # save their kernel and bias only, and merge a LoRA update).
+        for i, variable in enumerate(self._saved_variables()):
+            store[f"{i}"] = variable
 
     def load_own_variables(self, store):
-        variables = self._trainable_variables + self._non_trainable_variables
+        variables = self._saved_variables()
         masks = list(self._kernel_masks.values())
         if len(store.keys()) == len(variables) - len(masks):
             # Saved before masks had a driver state (keras-sparse 0.1): every
@@ -277,12 +309,55 @@ class SparseKernelMixin:
             states = {id(mask.sparsity_state) for mask in masks}
             variables = [v for v in variables if id(v) not in states]
         elif len(store.keys()) != len(variables):
-            keras.layers.Layer._check_load_own_variables(self, store)
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(variables)} variables, but received "
+                f"{len(store.keys())} variables during loading. Expected: "
+                f"{[v.name for v in variables]}"
+            )
         for i, variable in enumerate(variables):
             variable.assign(store[f"{i}"])
         for mask in masks:
             mask._plain_inference = False
             mask.frozen = bool(ops.convert_to_numpy(mask.state("frozen")) > 0)
+        if self.quantization_mode:
+            for mask in masks:
+                mask.frozen = True
+
+    # -------------------------------------------------- Keras's own modes
+
+    def quantize(self, mode=None, type_check=True, config=None, **kwargs):
+        """Quantize the pruned layer as Keras quantizes its stock layer (`Model.quantize`).
+
+        The hard mask is applied to the kernel first (`hard_prune()`), so the
+        quantized kernel holds exact zeros where weights were pruned (abs-max
+        quantization maps 0 to 0); the mask is then fixed. Takes the modes the
+        stock layer takes (`"int8"`, `"int4"`, `"float8"` for Dense and
+        EinsumDense; `"int8"`, `"int4"` for Embedding); a stock layer without
+        quantization (convolutions) raises `NotImplementedError`, which
+        `Model.quantize()` turns into a warning.
+        """
+        stock = _stock_class(type(self))
+        if inspect.getattr_static(stock, "quantize") is keras.layers.Layer.quantize:
+            raise NotImplementedError(
+                f"Layer {type(self).__name__} does not have a `quantize()` method: Keras "
+                f"does not quantize {stock.__name__} layers."
+            )
+        if mode in ("gptq", "awq"):
+            raise NotImplementedError(
+                f"Layer {type(self).__name__}: mode={mode!r} needs calibration data; "
+                "strip the pruned model and quantize the stock model."
+            )
+        self._require_built("quantize")
+        self.hard_prune()
+        was_locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            stock.quantize(self, mode, type_check=False, config=config, **kwargs)
+        finally:
+            if was_locked:
+                self._tracker.lock()
+        for mask in self._kernel_masks.values():
+            mask.frozen = True
 
     # ----------------------------------------------------------- config
 

@@ -318,7 +318,9 @@ class KernelMask:
 
     def build(self, initializer=None):
         """Create the mask's variables on the layer, for the layer's kernel as it is now."""
-        shape = tuple(int(d) for d in self.kernel.shape)
+        # The kernel's logical shape, as the layer reads it outside `call()`
+        # (a quantized int4 kernel is stored packed, two values a byte).
+        shape = tuple(int(d) for d in getattr(self.layer, self.kernel_name).shape)
         rank = len(shape)
         self.shape = shape
         self.size = math.prod(shape)

@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import importlib  # noqa: E402
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -32,3 +34,14 @@ def _fresh_keras_state():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def require(module):
+    """`module`, imported; or a skip saying what to install, except in CI
+    (`KERAS_SPARSE_REQUIRE_ALL=1`), where a missing tool is a failure."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("KERAS_SPARSE_REQUIRE_ALL"):
+            raise
+        pytest.skip(f"{module} is not installed: pip install 'keras-sparse[test]'")

@@ -1,0 +1,166 @@
+"""Keras's own modes on pruned layers: `Model.quantize()` and `enable_lora()`."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from backend_utils import to_numpy
+
+import keras_sparse as ks
+
+
+def pruned_mlp(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            ks.SparseLinear(6, activation="relu", name="hidden"),
+            ks.SparseLinear(3, name="logits"),
+        ]
+    )
+    for layer in model.layers:
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype("float32"))
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+        layer.reset_threshold(0.6)
+    return model
+
+
+def quantize(model, mode):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
+        model.quantize(mode)
+
+
+def test_int8_quantization_keeps_the_pruned_zeros_and_the_numpy_codes(rng):
+    model = pruned_mlp(rng)
+    kernels = [to_numpy(layer.effective_weight()) for layer in model.layers]
+    quantize(model, "int8")
+    for layer, kernel in zip(model.layers, kernels):
+        assert layer.quantization_mode == "int8"
+        codes = to_numpy(layer._kernel)
+        assert codes.dtype == np.int8
+        # Abs-max per output unit, as Keras's AbsMaxQuantizer(axis=0).
+        scale = 127.0 / np.max(np.abs(kernel), axis=0, keepdims=True)
+        np.testing.assert_allclose(codes, np.clip(np.round(kernel * scale), -127, 127), atol=1)
+        assert np.all(codes[kernel == 0] == 0) and np.count_nonzero(kernel == 0) > 0
+        assert layer.density() == pytest.approx(np.count_nonzero(kernel) / kernel.size)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_a_quantized_pruned_model_serves_as_keras_serves_the_pruned_dense_model(
+    mode, rng, tmp_path
+):
+    model = pruned_mlp(rng)
+    x = rng.normal(size=(5, 8)).astype("float32")
+    dense = ks.strip(model)  # stock Dense layers holding the pruned kernels
+    quantize(model, mode)
+    quantize(dense, mode)
+    expected = to_numpy(dense.predict(x, verbose=0))
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+    path = os.path.join(tmp_path, "quantized.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert [layer.quantization_mode for layer in reloaded.layers] == [mode, mode]
+    np.testing.assert_allclose(
+        to_numpy(reloaded.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_layers_keras_does_not_quantize_are_left_with_a_warning(rng):
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2)), ks.SparseConv2D(3, 3), keras.layers.Flatten(), ks.SparseLinear(2)]
+    )
+    with pytest.warns(UserWarning, match="SparseConv2D does not have a `quantize"):
+        model.quantize("int8")
+    assert model.layers[0].quantization_mode is None
+    assert model.layers[-1].quantization_mode == "int8"
+
+
+def test_calibrated_modes_are_refused_with_the_way_out(rng):
+    layer = pruned_mlp(rng).layers[0]
+    with pytest.raises((ValueError, NotImplementedError), match="GPTQConfig|calibration"):
+        layer.quantize("gptq")
+
+
+def lora_layer(rng, layer):
+    layer.enable_lora(2)
+    layer.lora_kernel_a.assign(rng.normal(size=layer.lora_kernel_a.shape).astype("float32"))
+    layer.lora_kernel_b.assign(rng.normal(size=layer.lora_kernel_b.shape).astype("float32"))
+    return layer
+
+
+def lora_reference(layer, x):
+    kernel = to_numpy(layer._kernel)
+    threshold = to_numpy(layer.threshold)
+    delta = to_numpy(layer.lora_kernel_a) @ to_numpy(layer.lora_kernel_b)
+    scale = layer.lora_alpha / layer.lora_rank
+    return x @ (kernel * (np.abs(kernel) >= threshold) + scale * delta) + to_numpy(layer.bias)
+
+
+def test_lora_adds_a_dense_update_to_the_sparse_base(rng):
+    model = pruned_mlp(rng)
+    layer = lora_layer(rng, model.layers[1])
+    hidden = to_numpy(model.layers[0](rng.normal(size=(4, 8)).astype("float32")))
+    np.testing.assert_allclose(
+        to_numpy(layer(hidden)), lora_reference(layer, hidden), rtol=1e-5, atol=1e-5
+    )
+    # Only the low-rank factors (and the thresholds) train: the base kernel is frozen.
+    assert {v.name for v in layer.trainable_variables} == {
+        "bias",
+        "threshold",
+        "lora_kernel_a",
+        "lora_kernel_b",
+    }
+
+
+def test_strip_merges_the_lora_update_and_the_file_keeps_it(rng, tmp_path):
+    model = pruned_mlp(rng)
+    layer = lora_layer(rng, model.layers[1])
+    x = rng.normal(size=(4, 8)).astype("float32")
+    expected = to_numpy(model.predict(x, verbose=0))
+    stripped = ks.strip(model)
+    merged = stripped.layers[1]
+    assert type(merged) is keras.layers.Dense and not merged.lora_enabled
+    kernel = to_numpy(layer._kernel)
+    delta = to_numpy(layer.lora_kernel_a) @ to_numpy(layer.lora_kernel_b)
+    want = kernel * (np.abs(kernel) >= to_numpy(layer.threshold)) + delta
+    np.testing.assert_allclose(to_numpy(merged.kernel), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(stripped.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+    path = os.path.join(tmp_path, "lora.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert reloaded.layers[1].lora_enabled
+    np.testing.assert_allclose(
+        to_numpy(reloaded.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: ks.SparseConv2D(3, 2),
+        lambda: ks.SparseEinsumDense("abc,cd->abd", (None, 4)),
+        lambda: ks.SparseEmbedding(10, 4),
+    ],
+    ids=["conv2d", "einsum_dense", "embedding"],
+)
+def test_lora_works_on_the_other_layer_types(layer, rng):
+    layer = layer()
+    shape = {"SparseConv2D": (1, 5, 5, 2), "SparseEinsumDense": (2, 3, 5)}.get(type(layer).__name__)
+    x = (
+        rng.integers(0, 10, (2, 3)).astype("int32")
+        if shape is None
+        else rng.normal(size=shape).astype("float32")
+    )
+    before = to_numpy(layer(x))
+    layer.enable_lora(2)
+    # The update starts at zero (B = 0), so outputs are unchanged, then follows B.
+    np.testing.assert_allclose(to_numpy(layer(x)), before, rtol=1e-6, atol=1e-6)
+    b = layer.lora_embeddings_b if hasattr(layer, "lora_embeddings_b") else layer.lora_kernel_b
+    b.assign(np.ones(b.shape, "float32"))
+    assert not np.allclose(to_numpy(layer(x)), before)
