@@ -6,7 +6,8 @@ keras-sparse strip  MODEL.keras -o OUT.keras
 keras-sparse export MODEL.keras -o OUT --format {tf_saved_model,onnx,litert} [--strip]
 ```
 
-Every command takes a `.keras` file holding `SparseLinear` layers. `report`
+Every command takes a `.keras` file holding sparse layers (`SparseLinear`,
+`SparseConv2D`, ...). `report`
 prints the sparsity report and the size report; `strip` saves the model with
 each `SparseLinear` turned into a plain `Dense` (loadable without
 keras-sparse); `export` writes an inference artifact with Keras's
@@ -16,11 +17,11 @@ keras-sparse); `export` writes an inference artifact with Keras's
 keras-sparse export ...`.
 
 Progress goes to stderr (`-q` silences it), reports to stdout. Exit status:
-0 on success; 2 for a bad command line, a missing file, a file that is not a
-Keras model, a model without `SparseLinear`, or an export route the backend
-lacks; 1 when saving or exporting itself fails. Outputs are written under a
-temporary name and renamed when complete, so a failed command leaves no
-output behind.
+0 on success; 2 on any failure (a bad command line, a missing file, a file
+that is not a Keras model, a model without sparse layers, an export route the
+backend lacks, an output path that cannot take the result, a save or export
+that fails), with a message. Outputs are written under a temporary name and
+renamed when complete, so a failed command leaves no output behind.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ FORMATS = ("tf_saved_model", "onnx", "litert")
 class CommandError(Exception):
     """A user-facing failure: `message` is printed, `code` is the exit status."""
 
-    def __init__(self, message, code=2):
+    def __init__(self, message, code=2):  # every failure exits 2
         super().__init__(message)
         self.code = code
 
@@ -121,6 +122,11 @@ def _check_output(args):
         raise CommandError(f"cannot write {output!r}: directory {parent!r} does not exist")
     if os.path.abspath(output) == os.path.abspath(args.model) and args.command == "export":
         raise CommandError("the export output must differ from the input model")
+    writes_a_file = args.command == "strip" or args.format != "tf_saved_model"
+    if writes_a_file and os.path.isdir(output):
+        raise CommandError(
+            f"cannot write {output!r}: it is a directory, and this command writes a file"
+        )
 
 
 def _load(path, say):
@@ -132,7 +138,7 @@ def _load(path, say):
         raise CommandError(f"{path}: not a Keras model file (a .keras file is a zip archive)")
     import keras
 
-    import keras_sparse  # noqa: F401  (registers SparseLinear for deserialization)
+    import keras_sparse  # noqa: F401  (registers the sparse layers for deserialization)
 
     say(f"Loading {path} ...")
     try:
@@ -146,7 +152,7 @@ def _load(path, say):
         raise CommandError(f"{path}: holds a {type(model).__name__}, not a Keras model")
     if not keras_sparse.sparse_layers(model):
         raise CommandError(
-            f"{path}: model '{model.name}' has no SparseLinear layer "
+            f"{path}: model '{model.name}' has no sparse layer "
             "(make one with keras_sparse.sparsify(model))"
         )
     return model
@@ -183,7 +189,7 @@ def _strip(args, say):
     try:
         save_model(stripped, args.output)
     except Exception as exc:
-        raise CommandError(f"saving {args.output} failed: {exc}", code=1) from exc
+        raise CommandError(f"saving {args.output} failed: {exc}") from exc
     say(f"Wrote {args.output}")
 
 
@@ -199,9 +205,7 @@ def _export(args, say):
     try:
         export_model(model, args.output, args.format, strip=args.strip)
     except Exception as exc:
-        raise CommandError(
-            f"export to {args.output} failed: {type(exc).__name__}: {exc}", 1
-        ) from exc
+        raise CommandError(f"export to {args.output} failed: {type(exc).__name__}: {exc}") from exc
     say(f"Wrote {args.output}")
 
 

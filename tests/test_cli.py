@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 from backend_utils import to_numpy
+from conftest import require, skip_route
 
 from keras_sparse import sparse_layers, sparsify
 from keras_sparse.__main__ import main
@@ -44,7 +45,7 @@ def _bad_input(kind, tmp_path):
     inputs = keras.Input((6,))
     path = tmp_path / "dense.keras"
     keras.Model(inputs, keras.layers.Dense(3)(inputs)).save(path)
-    return path, "has no SparseLinear layer"
+    return path, "has no sparse layer"
 
 
 def _run(argv, capsys):
@@ -130,8 +131,8 @@ def test_strip_output_must_be_a_keras_file(sparse_file, tmp_path, capsys):
 @pytest.mark.parametrize("strip", [False, True], ids=["sparse", "stripped"])
 def test_export_writes_an_artifact_serving_the_same_outputs(sparse_file, tmp_path, capsys, strip):
     if export_problem("onnx"):
-        pytest.skip(export_problem("onnx"))
-    ort = pytest.importorskip("onnxruntime")
+        skip_route(export_problem("onnx"))
+    ort = require("onnxruntime")
     output = tmp_path / "model.onnx"
     argv = ["export", sparse_file, "-o", output, "--format", "onnx"] + (
         ["--strip"] if strip else []
@@ -185,7 +186,7 @@ def test_unknown_format_is_a_usage_error(sparse_file, tmp_path, capsys):
     assert "invalid choice: 'pickle'" in err
 
 
-def test_failed_export_exits_1_and_leaves_nothing(sparse_file, tmp_path, capsys, monkeypatch):
+def test_failed_export_exits_2_and_leaves_nothing(sparse_file, tmp_path, capsys, monkeypatch):
     format = _any_export_format()
 
     def export_then_crash(self, filepath, **kwargs):
@@ -196,9 +197,25 @@ def test_failed_export_exits_1_and_leaves_nothing(sparse_file, tmp_path, capsys,
     monkeypatch.setattr(keras.Model, "export", export_then_crash)
     output = tmp_path / ("model.tflite" if format == "litert" else "model.out")
     code, _, err = _run(["export", sparse_file, "-o", output, "--format", format], capsys)
-    assert code == 1
+    assert code == 2
     assert "converter crashed" in err
     assert os.listdir(tmp_path) == ["sparse.keras"]
+
+
+@pytest.mark.parametrize("command", ["strip", "export"])
+def test_an_existing_folder_where_a_file_goes_exits_2_before_loading(
+    command, sparse_file, tmp_path, capsys
+):
+    folder = tmp_path / ("out.keras" if command == "strip" else "out.onnx")
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    argv = [command, sparse_file, "-o", folder] + (
+        ["--format", "onnx"] if command == "export" else []
+    )
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert "it is a directory" in err and "Loading" not in err
+    assert os.listdir(folder) == ["keep.txt"]
 
 
 # ------------------------------------------------------- bad model inputs

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 from backend_utils import to_numpy
+from conftest import require, skip_route
 
 from keras_sparse import SparseLinear, sparse_layers, sparsify
 from keras_sparse.export import (
@@ -62,7 +63,7 @@ class Shipped:
     def artifact(self, format, strip):
         problem = export_problem(format)
         if problem:
-            pytest.skip(problem)
+            skip_route(problem)
         key = (format, strip)
         if key not in self._artifacts:
             name = ("stripped_" if strip else "sparse_") + ARTIFACT[format]
@@ -143,13 +144,13 @@ def test_saved_model_op_scan_sees_a_soft_mask(tmp_path):
 
 
 def _onnx_model(path):
-    onnx = pytest.importorskip("onnx")
+    onnx = require("onnx")
     return onnx.load(path)
 
 
 @STRIP
 def test_onnx_runs_in_onnxruntime_with_the_same_outputs(shipped, strip):
-    ort = pytest.importorskip("onnxruntime")
+    ort = require("onnxruntime")
     session = ort.InferenceSession(shipped.artifact("onnx", strip))
     (outputs,) = session.run(None, {session.get_inputs()[0].name: shipped.x})
     np.testing.assert_allclose(outputs, shipped.expected, rtol=1e-5, atol=1e-5)
@@ -249,7 +250,7 @@ def test_export_of_unknown_format_raises_and_writes_nothing(shipped, tmp_path):
 def test_failed_export_leaves_no_partial_output(shipped, tmp_path, monkeypatch):
     available = [f for f in EXPORT_FORMATS if export_problem(f) is None]
     if not available:
-        pytest.skip(f"no export route is available here: {export_problem(EXPORT_FORMATS[0])}")
+        skip_route(f"no export route is available here: {export_problem(EXPORT_FORMATS[0])}")
     format = available[0]
 
     def export_then_crash(self, filepath, **kwargs):
@@ -265,7 +266,7 @@ def test_failed_export_leaves_no_partial_output(shipped, tmp_path, monkeypatch):
 
 def test_export_replaces_an_existing_file_whole(shipped, tmp_path):
     if export_problem("onnx"):
-        pytest.skip(export_problem("onnx"))
+        skip_route(export_problem("onnx"))
     target = tmp_path / "model.onnx"
     target.write_bytes(b"stale")
     export_model(shipped.model, target, "onnx", strip=True)

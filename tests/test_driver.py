@@ -1,0 +1,282 @@
+"""The sparsity driver in the paths users take: on the device, resumed, in epochs, on bad data."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from backend_utils import to_numpy
+from conftest import BACKEND
+
+import keras_sparse as ks
+
+STEPS_PER_EPOCH = 8  # 128 samples, batch 16
+
+
+def data(seed=0, n=128):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 12)).astype("float32")
+    y = (x[:, :3].sum(axis=1) > 0).astype("int32")
+    return x, y
+
+
+def model():
+    return keras.Sequential(
+        [
+            keras.Input((12,)),
+            ks.SparseLinear(16, activation="relu", name="hidden"),
+            ks.SparseLinear(8, activation="relu", structured=False, name="hidden_2"),
+            ks.SparseLinear(2, name="logits"),
+        ],
+        name="mlp",
+    )
+
+
+def compiled(m):
+    m.compile(
+        keras.optimizers.Adam(3e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return m
+
+
+def total_active(m):
+    return sum(mask.num_active() for mask in ks.kernel_masks(m))
+
+
+def total_size(m):
+    return sum(mask.size for mask in ks.kernel_masks(m))
+
+
+def fit(m, scheduler, epochs, initial_epoch=0, **kwargs):
+    x, y = data()
+    return m.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=[scheduler],
+        **kwargs,
+    )
+
+
+# ------------------------------------------------------ on the device only
+
+
+class _StepWindow(keras.callbacks.Callback):
+    """Opens a window around each train step (and the other callbacks' batch hooks)."""
+
+    def __init__(self, enter, leave):
+        super().__init__()
+        self.enter, self.leave = enter, leave
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.enter:
+            self.enter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.leave:
+            self.leave()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.transfer_guard is JAX's")
+def test_jax_steps_move_nothing_from_the_device_to_the_host():
+    import jax
+
+    guard = jax.transfer_guard_device_to_host("disallow")
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=2 * STEPS_PER_EPOCH))
+    x, y = data()
+    # Every batch hook of the scheduler and every train step run under the guard,
+    # the freeze included; the scheduler reads scalars at epoch ends only.
+    window = [
+        _StepWindow(guard.__enter__, None),
+        scheduler,
+        _StepWindow(None, lambda: guard.__exit__(None, None, None)),
+    ]
+    m.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=window)
+    assert scheduler.frozen
+    assert total_active(m) == round(0.3 * total_size(m))
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="counts PyTorch's host reads")
+def test_torch_steps_read_nothing_back_to_the_host(monkeypatch):
+    import torch
+
+    reads = []
+    counting = {"on": False}
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if counting["on"]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=10 * STEPS_PER_EPOCH))
+    x, y = data()
+    window = [
+        _StepWindow(lambda: counting.update(on=True), None),
+        scheduler,
+        _StepWindow(None, lambda: counting.update(on=False)),
+    ]
+    m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=window)
+    assert reads == [], f"host reads during steps: {sorted(set(reads))}"
+    assert m.layers[0].masks["kernel"].state("step") == 2 * STEPS_PER_EPOCH
+
+
+# ------------------------------------------------------------- resuming
+
+
+def test_a_reloaded_model_resumes_the_schedule_and_ends_frozen_at_the_target(tmp_path):
+    schedule = ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH)
+    m = compiled(model())
+    fit(m, ks.SparsityScheduler(schedule), epochs=2)
+    assert int(to_numpy(m.layers[0].masks["kernel"].state("step"))) == 2 * STEPS_PER_EPOCH
+    path = os.path.join(tmp_path, "midway.keras")
+    m.save(path)
+    reloaded = keras.saving.load_model(path)
+    scheduler = ks.SparsityScheduler(schedule)
+    fit(reloaded, scheduler, epochs=6, initial_epoch=2)
+    assert scheduler.step == 6 * STEPS_PER_EPOCH
+    assert scheduler.frozen
+    assert total_active(reloaded) == round(0.2 * total_size(reloaded))
+
+
+def test_two_fit_calls_continue_one_schedule():
+    schedule = ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH)
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(schedule)
+    fit(m, scheduler, epochs=2)
+    assert not scheduler.frozen
+    fit(m, ks.SparsityScheduler(schedule), epochs=3)  # a new callback, the same masks
+    assert total_active(m) == round(0.2 * total_size(m))
+    assert all(mask.frozen for mask in ks.kernel_masks(m))
+
+
+def test_resume_false_starts_the_schedule_again():
+    m = compiled(model())
+    fit(m, ks.SparsityScheduler(ks.PolynomialDecay(0.5, end_step=STEPS_PER_EPOCH)), epochs=2)
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.8, end_step=STEPS_PER_EPOCH), resume=False
+    )
+    fit(m, scheduler, epochs=2)
+    assert scheduler.step == 2 * STEPS_PER_EPOCH
+    assert total_active(m) == round(0.2 * total_size(m))
+
+
+# ---------------------------------------------------- epochs and fractions
+
+
+@pytest.mark.parametrize(
+    "schedule, freeze_step",
+    [
+        (ks.PolynomialDecay(0.6, end_epoch=2), 2 * STEPS_PER_EPOCH),
+        (ks.PolynomialDecay(0.6, end_fraction=0.5), 2 * STEPS_PER_EPOCH),
+        (ks.PolynomialDecay(0.6, begin_epoch=0.5, end_epoch=1.5), int(1.5 * STEPS_PER_EPOCH)),
+    ],
+    ids=["epochs", "fraction", "fractional_epochs"],
+)
+def test_schedules_in_epochs_or_fractions_become_steps_of_this_fit(schedule, freeze_step):
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(schedule)
+    fit(m, scheduler, epochs=4)
+    assert scheduler._steps.end_step == freeze_step
+    assert scheduler.frozen
+    assert total_active(m) == round(0.4 * total_size(m))
+
+
+def test_a_schedule_in_epochs_outside_fit_says_what_it_needs():
+    with pytest.raises(ValueError, match="in epochs"):
+        ks.PolynomialDecay(0.5, end_epoch=3)(10)
+
+
+def test_bounds_in_two_units_are_refused():
+    with pytest.raises(ValueError, match="one unit.*end_step=10, end_epoch=2"):
+        ks.PolynomialDecay(0.5, end_step=10, end_epoch=2)
+
+
+def test_an_unfinished_schedule_warns_with_what_was_reached_and_what_to_change():
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=100 * STEPS_PER_EPOCH))
+    with pytest.warns(
+        UserWarning, match=r"stopped at step 16, before the schedule's end"
+    ) as caught:
+        fit(m, scheduler, epochs=2)
+    message = next(str(w.message) for w in caught if "SparsityScheduler" in str(w.message))
+    assert "not frozen" in message and "end_fraction" in message
+    reached = float(message.split("sparsity reached ")[1].split(" ")[0])
+    assert reached == pytest.approx(1 - total_active(m) / total_size(m), abs=1e-4)
+
+
+# ------------------------------------------------------------- bad values
+
+
+def test_non_finite_inputs_stop_training_before_any_mask_is_frozen():
+    m = compiled(model())
+    x, y = data()
+    x[5, 3] = np.nan
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=3 * STEPS_PER_EPOCH))
+    with pytest.raises(FloatingPointError, match=r"loss is nan.*no mask was frozen"):
+        m.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[scheduler])
+    assert not scheduler.frozen
+    assert not any(mask.frozen for mask in ks.kernel_masks(m))
+
+
+def test_non_finite_weights_are_named_with_their_layer():
+    m = compiled(model())
+    kernel = m.layers[0].kernel
+    kernel.assign(np.where(np.eye(*kernel.shape) > 0, np.inf, to_numpy(kernel)).astype("float32"))
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=2))
+    with pytest.raises(FloatingPointError, match=r"weights of 'hidden' are NaN or infinite"):
+        fit(m, scheduler, epochs=1)
+    assert not scheduler.frozen
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_epoch_logs_hold_measured_statistics_and_the_penalty_on_its_own():
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=4 * STEPS_PER_EPOCH))
+    history = fit(m, scheduler, epochs=2)
+    logs = history.history
+    assert logs["sparsity"][-1] == pytest.approx(1 - total_active(m) / total_size(m))
+    for layer in m.layers:
+        assert logs[f"density/{layer.name}"][-1] == pytest.approx(layer.density())
+    # The penalty's share of `loss`, measured at the epoch's end: positive while pruning.
+    penalty = sum(
+        float(to_numpy(mask.sparsity_penalty)) * float(np.mean(to_numpy(mask.soft(mask.kernel))))
+        for mask in ks.kernel_masks(m)
+    )
+    assert logs["sparsity_loss"][-1] == pytest.approx(penalty, rel=1e-4)
+    assert logs["sparsity_loss"][-1] > 0
+
+
+def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
+    ks.PolynomialDecay(np.float32(0.9), begin_step=np.int64(0), end_step=np.int64(100))
+    ks.SparsityScheduler(np.float64(0.5), min_density=np.float32(0.02))
+    with pytest.raises(TypeError, match=r"structured='no'"):
+        ks.SparseLinear(4, structured="no")
+    with pytest.raises(TypeError, match=r"freeze_at_end=1"):
+        ks.SparsityScheduler(0.5, freeze_at_end=1)
+
+
+def test_the_driver_leaves_a_model_without_it_untouched():
+    m = compiled(model())
+    fit(m, ks.SparsityScheduler(ks.PolynomialDecay(0.5, end_step=STEPS_PER_EPOCH)), epochs=1)
+    assert all(mask.driver is None for mask in ks.kernel_masks(m))
+    before = [to_numpy(mask.sparsity_state) for mask in ks.kernel_masks(m)]
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not finished" warning without a scheduler
+        m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    after = [to_numpy(mask.sparsity_state) for mask in ks.kernel_masks(m)]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
