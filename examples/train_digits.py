@@ -1,10 +1,12 @@
 """Train a sparse MLP on real handwritten digits and print its accuracy and density.
 
     python examples/train_digits.py                       # scikit-learn's bundled digits
-    python examples/train_digits.py --mnist ../shared/data/mnist-10k   # MNIST IDX files
+    python examples/train_digits.py --mnist DIR           # the folder holding the MNIST IDX files
+    python examples/train_digits.py --mnist               # $KERAS_SPARSE_MNIST_DIR or Keras's cache
     python examples/train_digits.py --target 0.95 --epochs 40
 
-No download: the digits ship with scikit-learn; MNIST is read from a folder you give.
+No download: the digits ship with scikit-learn; MNIST is read from a folder you give, from
+$KERAS_SPARSE_MNIST_DIR, or from Keras's own ~/.keras/datasets/mnist.npz if you have it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,27 @@ from keras_sparse.datasets import load_digits, load_mnist
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist", metavar="DIR", help="folder with MNIST IDX files")
+    parser.add_argument(
+        "--mnist",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="train on MNIST: the folder holding the IDX files (default: $KERAS_SPARSE_MNIST_DIR, "
+        "else Keras's cached mnist.npz)",
+    )
     parser.add_argument("--target", type=float, default=0.9, help="target sparsity (0.9)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    (x_train, y_train), (x_test, y_test) = load_mnist(args.mnist) if args.mnist else load_digits()
+    if args.mnist is None:
+        (x_train, y_train), (x_test, y_test) = load_digits()
+    else:
+        try:
+            (x_train, y_train), (x_test, y_test) = load_mnist(args.mnist or None)
+        except FileNotFoundError as error:
+            parser.error(str(error))
     keras.utils.set_random_seed(args.seed)
     features = x_train.shape[1]
     model = keras.Sequential(

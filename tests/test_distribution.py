@@ -267,19 +267,12 @@ def test_torch_ddp_keeps_thresholds_in_step(tmp_path):
     assert result["ddp_max_gap"][0] < 1e-5
 
 
-# ------------------------------------------------ the README recipe, as written
+# ------------------------------------------------ the docs' recipes, as written
 
 
 def scaling_out_section():
-    """README's "Scaling out" section, or docs/scaling_out.md until it is pasted there."""
-    readme = os.path.join(ROOT, "README.md")
-    if os.path.exists(readme):
-        with open(readme, encoding="utf-8") as f:
-            text = f.read()
-        match = re.search(r"^## Scaling out\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-        if match:
-            return match.group(1)
-    with open(os.path.join(ROOT, "docs", "scaling_out.md"), encoding="utf-8") as f:
+    """The distributed-training guide, docs/distributed.md (its recipes are run here)."""
+    with open(os.path.join(ROOT, "docs", "distributed.md"), encoding="utf-8") as f:
         return f.read()
 
 
