@@ -164,3 +164,43 @@ def test_lora_works_on_the_other_layer_types(layer, rng):
     b = layer.lora_embeddings_b if hasattr(layer, "lora_embeddings_b") else layer.lora_kernel_b
     b.assign(np.ones(b.shape, "float32"))
     assert not np.allclose(to_numpy(layer(x)), before)
+
+
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (
+            lambda: ks.SparseEinsumDense("abc,cd->abd", (None, 6), bias_axes="d"),
+            lambda rng: rng.normal(size=(2, 3, 8)).astype("float32"),
+        ),
+        (
+            lambda: ks.SparseEmbedding(12, 6),
+            lambda rng: rng.integers(0, 12, (2, 5)).astype("int32"),
+        ),
+    ],
+    ids=["einsum_dense", "embedding"],
+)
+def test_the_other_quantizable_types_keep_their_zeros_and_serve_as_keras(make, x, rng, tmp_path):
+    x = x(rng)
+    inputs = keras.Input(x.shape[1:], dtype=x.dtype)
+    model = keras.Model(inputs, make()(inputs))
+    layer = model.layers[-1]
+    for mask in layer.masks.values():
+        mask.kernel.assign(rng.normal(size=mask.shape).astype("float32"))
+    layer.reset_threshold(0.7)
+    pruned = to_numpy(layer.masks[next(iter(layer.masks))].effective_weight()) == 0
+    dense = ks.strip(model)
+    quantize(model, "int8")
+    quantize(dense, "int8")
+    codes = to_numpy(layer._embeddings if hasattr(layer, "_embeddings") else layer._kernel)
+    assert codes.dtype == np.int8 and np.all(codes[pruned] == 0) and pruned.any()
+    expected = to_numpy(dense.predict(x, verbose=0))
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+    path = os.path.join(tmp_path, "q.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        to_numpy(reloaded.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
