@@ -121,7 +121,9 @@ def run(args):
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
     )
-    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(args.target, begin_step=0, end_step=end_step))
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(args.target, begin_step=0, end_step=end_step)
+    )
     history = sparse.fit(
         x, y, batch_size=args.batch_size, epochs=args.epochs, callbacks=[scheduler], verbose=0
     )
@@ -171,8 +173,17 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "backend")}
     out.write_text(json.dumps({"config": config, "result": row}, indent=1))
-    summary = {k: row.get(k) for k in ("coverage", "coverage_of_kernel_params", "sparsity",
-                                       "reached_target_exactly", "wall_s", "error")}
+    summary = {
+        k: row.get(k)
+        for k in (
+            "coverage",
+            "coverage_of_kernel_params",
+            "sparsity",
+            "reached_target_exactly",
+            "wall_s",
+            "error",
+        )
+    }
     print(f"[{args.backend}] {summary}")
     print(f"wrote {out}")
     sys.exit(status)
