@@ -1,0 +1,191 @@
+"""LeNet-5 on MNIST-10k: keras-sparse's learned masks against the dense baseline.
+
+LeNet-5: Conv2D 6 5x5 relu "same" -> MaxPool -> Conv2D 16 5x5 relu -> MaxPool ->
+Flatten -> Dense 120 relu -> Dense 84 relu -> Dense 10, on the project's fixed
+8,000/2,000 split of the MNIST test images (28x28x1). The recipe is that of
+benchmarks/mnist_lenet.py: Adam 1e-3, batch 128, the same epochs for every method
+(default 12 here, to fit a small CPU budget); `sparse` builds the model from
+`SparseConv2D`/`SparseLinear` and drives it with `SparsityScheduler(PolynomialDecay(
+target, begin_step=0, end_step=3/4 of the steps))` (global scope: the target is
+over all five kernels together), frozen at the end of the ramp and fine-tuned for
+the last quarter. Accuracy is the final one, measured on `keras_sparse.strip(model)`;
+sparsity is counted on the stripped model's kernels.
+
+    python benchmarks/mnist_lenet5.py --backend jax --mnist DIR
+
+`--mnist` defaults to $KERAS_SPARSE_MNIST_DIR. Its TFMOT peer, on the same model,
+data and budget, is benchmarks/mnist_lenet5_tfmot.py. Writes
+results/lenet5_mnist_<backend>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BACKENDS = ("tensorflow", "jax", "torch")
+
+# Kernel weights of LeNet-5 (conv1, conv2, fc1, fc2, out): sparsity is counted against them.
+LENET5_WEIGHTS = 5 * 5 * 1 * 6 + 5 * 5 * 6 * 16 + 400 * 120 + 120 * 84 + 84 * 10
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="jax", choices=BACKENDS)
+    parser.add_argument(
+        "--mnist",
+        default=os.environ.get("KERAS_SPARSE_MNIST_DIR"),
+        help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
+    )
+    parser.add_argument("--methods", default="dense,sparse")
+    parser.add_argument("--targets", default="0.9,0.95,0.98")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--out", default=None, help="JSON output (default results/lenet5_mnist_<backend>.json)"
+    )
+    args = parser.parse_args(argv)
+    if not args.mnist:
+        parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
+    if not Path(args.mnist).is_dir():
+        parser.error(f"--mnist {args.mnist!r} is not a folder")
+    return args
+
+
+def load_data(directory):
+    """The fixed 8,000/2,000 split as (N, 28, 28, 1) images."""
+    from keras_sparse.datasets import load_mnist
+
+    (x_train, y_train), (x_test, y_test) = load_mnist(directory)
+    return (x_train.reshape(-1, 28, 28, 1), y_train), (x_test.reshape(-1, 28, 28, 1), y_test)
+
+
+def lenet5(conv, dense, keras):
+    """LeNet-5 from the given conv and dense layer classes (stock or sparse)."""
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            conv(6, 5, padding="same", activation="relu", name="conv1"),
+            keras.layers.MaxPooling2D(2),
+            conv(16, 5, activation="relu", name="conv2"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            dense(120, activation="relu", name="fc1"),
+            dense(84, activation="relu", name="fc2"),
+            dense(10, name="out"),
+        ]
+    )
+
+
+def compile_model(model, keras):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def run_one(method, target, seed, args, data):
+    import keras
+    import numpy as np
+
+    import keras_sparse as ks
+
+    (x_train, y_train), (x_test, y_test) = data
+    keras.utils.set_random_seed(seed)
+    steps = args.epochs * int(np.ceil(len(x_train) / args.batch_size))
+    fit = dict(batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+    start = time.perf_counter()
+    if method == "dense":
+        model = lenet5(keras.layers.Conv2D, keras.layers.Dense, keras)
+        compile_model(model, keras)
+        model.fit(x_train, y_train, **fit)
+        final = model
+        evaluated = None
+    elif method == "sparse":
+        model = lenet5(ks.SparseConv2D, ks.SparseLinear, keras)
+        compile_model(model, keras)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * steps))
+        model.fit(x_train, y_train, callbacks=[ks.SparsityScheduler(schedule)], **fit)
+        evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
+        final = ks.strip(model)
+        compile_model(final, keras)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    wall = time.perf_counter() - start
+    accuracy = float(final.evaluate(x_test, y_test, verbose=0)[1])
+    kernels = [
+        keras.ops.convert_to_numpy(layer.kernel)
+        for layer in final.layers
+        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
+    ]
+    assert sum(k.size for k in kernels) == LENET5_WEIGHTS
+    nonzero = sum(int(np.count_nonzero(k)) for k in kernels)
+    row = {
+        "method": method,
+        "backend": keras.backend.backend(),
+        "target": target,
+        "seed": seed,
+        "accuracy": accuracy,
+        "sparsity": 1.0 - nonzero / LENET5_WEIGHTS,
+        "layer_density": [round(np.count_nonzero(k) / k.size, 4) for k in kernels],
+        "wall_s": wall,
+    }
+    if evaluated is not None:
+        row["evaluated_accuracy"] = evaluated
+    return row
+
+
+def median_rows(rows):
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["backend"], row["target"]), []).append(row)
+    summary = []
+    for (method, backend, target), group in groups.items():
+        entry = {"method": method, "backend": backend, "target": target}
+        entry["seeds"] = [r["seed"] for r in group]
+        for key in ("accuracy", "sparsity", "wall_s", "evaluated_accuracy"):
+            if key in group[0]:
+                entry[key] = statistics.median(r[key] for r in group)
+        entry["layer_density"] = group[0]["layer_density"]
+        summary.append(entry)
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    data = load_data(args.mnist)
+    targets = [float(t) for t in args.targets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for method in args.methods.split(","):
+        for target in [0.0] if method == "dense" else targets:
+            for seed in seeds:
+                row = run_one(method, target, seed, args, data)
+                rows.append(row)
+                print(
+                    f"[{args.backend}] {method:6s} target={target:.2f} seed={seed} "
+                    f"acc={row['accuracy']:.4f} sparsity={row['sparsity']:.4f} "
+                    f"wall={row['wall_s']:.1f}s",
+                    flush=True,
+                )
+    out = Path(args.out) if args.out else RESULTS / f"lenet5_mnist_{args.backend}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "backend", "mnist")}
+    out.write_text(
+        json.dumps({"config": config, "runs": rows, "median": median_rows(rows)}, indent=1)
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
