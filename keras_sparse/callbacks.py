@@ -345,7 +345,9 @@ class SparsityScheduler(keras.callbacks.Callback):
         sizes = np.array([m.size for m in group], dtype="float64")
         densities = [leader_density] + [m.state("hard_density") for m in group[1:]]
         densities = ops.stack(densities)
-        measured = ops.sum(densities * (sizes / sizes.sum()).astype("float32"))
+        # A tensor of weights: a NumPy array here would pull `densities` to the host.
+        weights = ops.convert_to_tensor((sizes / sizes.sum()).astype("float32"))
+        measured = ops.sum(densities * weights)
         target = self._steps(step)
         # Error in log-density: one point of sparsity matters more at 98%
         # (2% -> 1% halves the model) than at 50%.
