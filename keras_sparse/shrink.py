@@ -15,6 +15,7 @@ import dataclasses
 
 import keras
 import numpy as np
+from keras.src.ops.numpy import Add as _SymbolicAdd  # `x + y` on Keras tensors
 
 from keras_sparse.transforms import _strip
 
@@ -38,25 +39,6 @@ def _check_model(model, caller):
             "`keras.Model` instances, whose graph it can follow; "
             f"received a subclassed model of type {type(model).__name__}."
         )
-
-
-def _dense_arguments(layer):
-    """The constructor arguments of a `Dense` layer, serialized (so nothing is shared)."""
-    return {
-        "units": layer.units,
-        "activation": keras.activations.serialize(layer.activation),
-        "use_bias": layer.use_bias,
-        "kernel_initializer": keras.initializers.serialize(layer.kernel_initializer),
-        "bias_initializer": keras.initializers.serialize(layer.bias_initializer),
-        "kernel_regularizer": keras.regularizers.serialize(layer.kernel_regularizer),
-        "bias_regularizer": keras.regularizers.serialize(layer.bias_regularizer),
-        "activity_regularizer": keras.regularizers.serialize(layer.activity_regularizer),
-        "kernel_constraint": keras.constraints.serialize(layer.kernel_constraint),
-        "bias_constraint": keras.constraints.serialize(layer.bias_constraint),
-        "name": layer.name,
-        "dtype": layer.dtype_policy,
-        "trainable": layer.trainable,
-    }
 
 
 def _clone(model, replace):
@@ -84,18 +66,53 @@ def _clone(model, replace):
     return new_model, replaced
 
 
-# Layers that act on each feature separately at inference, so a constant
-# feature stays a constant and a removed feature removes nothing else.
-_STATELESS_PER_FEATURE = (
+# Layers that pass each channel through on its own at inference (dropout and
+# noise are inactive there): a removed channel removes nothing else, and a
+# constant channel stays the same constant.
+_CHANNEL_IDENTITY = (
     keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
     keras.layers.GaussianDropout,
     keras.layers.GaussianNoise,
     keras.layers.AlphaDropout,
+    keras.layers.Identity,
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.UpSampling1D,
+    keras.layers.UpSampling2D,
+    keras.layers.UpSampling3D,
+    keras.layers.Cropping1D,
+    keras.layers.Cropping2D,
+    keras.layers.Cropping3D,
+)
+# Layers that map each channel through its own function: a constant channel
+# becomes another constant, found by calling the layer on it.
+_CHANNEL_FUNCTION = (
     keras.layers.ReLU,
     keras.layers.LeakyReLU,
     keras.layers.ELU,
-    keras.layers.Identity,
+    keras.layers.PReLU,
 )
+_ZERO_PADDING = (keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D)
+_KERNELS = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 # Built-in activations that map each entry on its own (not softmax, glu, ...).
 _ELEMENTWISE_ACTIVATIONS = frozenset(
     """celu elu exponential gelu hard_shrink hard_sigmoid hard_silu hard_swish hard_tanh
@@ -114,30 +131,285 @@ def _activation_is_elementwise(activation):
     return isinstance(name, str) and name in _ELEMENTWISE_ACTIVATIONS
 
 
-def _plain_dense(layer):
-    return (
-        type(layer) is keras.layers.Dense
-        and layer.built
-        and not getattr(layer, "lora_enabled", False)
-        and not getattr(layer, "quantization_mode", None)
-    )
+def _describe(op):
+    return f"'{op.name}' ({type(op).__name__})"
 
 
-def _per_feature(layer):
-    """Whether `layer` maps each feature of its (last-axis) input on its own."""
-    if isinstance(layer, _STATELESS_PER_FEATURE):
-        return True
-    if type(layer) is keras.layers.Activation:
-        return _activation_is_elementwise(layer.activation)
-    if type(layer) is keras.layers.BatchNormalization:
-        spec = layer.input_spec
-        rank = spec.ndim if spec is not None else None
-        return layer.axis == -1 or (rank is not None and layer.axis == rank - 1)
-    return False
+def _channels_last(op):
+    return getattr(op, "data_format", "channels_last") == "channels_last"
 
 
-def _describe(layer):
-    return f"'{layer.name}' ({type(layer).__name__})"
+def _plain(op):
+    return not getattr(op, "lora_enabled", False) and not getattr(op, "quantization_mode", None)
+
+
+def _role(op, rank):
+    """What `shrink` knows `op` does to the channels (last axis) of its input."""
+    kind = type(op)
+    if kind in _KERNELS and _plain(op) and _channels_last(op) and getattr(op, "groups", 1) == 1:
+        return "kernel"
+    if kind in _DEPTHWISE and _plain(op) and _channels_last(op):
+        return "depthwise"
+    if kind is keras.layers.BatchNormalization and op.axis in (-1, rank - 1):
+        return "function"
+    if kind is keras.layers.Activation:
+        return "function" if _activation_is_elementwise(op.activation) else None
+    if kind in _CHANNEL_FUNCTION:
+        return "function"
+    if kind in _CHANNEL_IDENTITY and _channels_last(op):
+        return "identity"
+    if kind in _ZERO_PADDING and _channels_last(op):
+        return "zero_padding"
+    if kind in (keras.layers.Add, _SymbolicAdd):
+        return "add"
+    if kind is keras.layers.Concatenate and op.axis in (-1, rank - 1):
+        return "concatenate"
+    if kind is keras.layers.Flatten and _channels_last(op):
+        return "flatten"
+    return None
+
+
+def _pads_with_zeros(op):
+    """Whether `op` sees zeros beyond its input's borders (then a constant is not one there)."""
+    return _padding(op) != "valid"
+
+
+def _padding(op):
+    return getattr(op, "padding", "valid")
+
+
+# ----------------------------------------------------------------- the graph
+
+
+@dataclasses.dataclass
+class _Channels:
+    """The channels (last axis) of one tensor of the graph.
+
+    `first` is the index of channel 0 among all channels of the graph (the
+    union-find's slots); `known[c]` says channel c holds the constant
+    `value[c]` whatever the model's input.
+    """
+
+    first: int
+    value: np.ndarray
+    known: np.ndarray
+
+    @property
+    def slots(self):
+        return np.arange(self.first, self.first + len(self.value))
+
+
+class _ChannelGraph:
+    """Channels of a functional graph, grouped where they must be removed together.
+
+    Channels joined by a layer that passes them through (batch norm, an
+    activation, pooling, a depthwise convolution, `Add`, `Concatenate`,
+    `Flatten`) form one group. A group can be removed when nothing reads it
+    except kernels that either ignore it (all-zero input rows) or absorb its
+    constant value into their bias exactly; anything else blocks it, with
+    the first reason found.
+    """
+
+    def __init__(self, graph):
+        self.parent = []
+        self.reasons = {}  # slot -> why its group must stay
+        self.weak_reasons = {}
+        self.tensors = {}  # id(KerasTensor) -> _Channels
+        self.nodes = [
+            node
+            for depth in sorted(graph._nodes_by_depth, reverse=True)
+            for node in graph._nodes_by_depth[depth]
+        ]
+        in_graph = {id(node) for node in self.nodes}
+        for node in self.nodes:
+            op = node.operation
+            calls = sum(1 for n in op._inbound_nodes if id(n) in in_graph)
+            self._visit(node, shared=calls > 1)
+        for tensor in graph.outputs:
+            self.block(self.tensors[id(tensor)].slots, "it is an output of the model")
+
+    # union-find over channel slots
+    def new(self, tensor, value, known):
+        value = np.asarray(value, "float64")
+        known = np.broadcast_to(np.asarray(known, bool), value.shape).copy()
+        channels = _Channels(len(self.parent), value, known)
+        self.parent.extend(range(channels.first, channels.first + len(channels.value)))
+        self.tensors[id(tensor)] = channels
+        return channels
+
+    def root(self, slot):
+        parent = self.parent
+        while parent[slot] != slot:
+            parent[slot] = parent[parent[slot]]
+            slot = parent[slot]
+        return slot
+
+    def join(self, a_slots, b_slots):
+        for a, b in zip(a_slots, b_slots, strict=True):
+            ra, rb = self.root(int(a)), self.root(int(b))
+            if ra != rb:
+                self.parent[rb] = ra
+
+    def block(self, slots, reason, weak=False):
+        """Keep the groups of `slots`. A `weak` reason (where a live channel comes
+        from) is reported only when the group meets no other."""
+        reasons = self.weak_reasons if weak else self.reasons
+        for slot in slots:
+            reasons.setdefault(int(slot), reason)
+
+    def group_reasons(self):
+        reasons = {}
+        for slot, reason in [*self.reasons.items(), *self.weak_reasons.items()]:
+            reasons.setdefault(self.root(slot), reason)
+        return reasons
+
+    # one layer call
+    def _visit(self, node, shared):
+        op = node.operation
+        outputs = node.output_tensors
+        if node.is_input:
+            channels = self.new(outputs[0], np.zeros(outputs[0].shape[-1] or 0), False)
+            self.block(channels.slots, "it is an input of the model", weak=True)
+            return
+        inputs = [self.tensors[id(t)] for t in node.input_tensors]
+        rank = len(node.input_tensors[0].shape)
+        role = None if shared or len(outputs) != 1 else _role(op, rank)
+        if role in ("kernel", "depthwise", "function", "identity", "zero_padding", "flatten"):
+            if len(inputs) != 1:
+                role = None
+        if role in ("add", "concatenate") and len(inputs) < 2:
+            role = None
+        if role is None:
+            why = (
+                f"{_describe(op)} is called more than once (shared)"
+                if shared
+                else f"{_describe(op)} reads it and is not known to act channel by channel"
+            )
+            for channels in inputs:
+                self.block(channels.slots, why)
+            for tensor in outputs:
+                width = tensor.shape[-1] if tensor.shape else 1
+                channels = self.new(tensor, np.zeros(width or 0), False)
+                self.block(channels.slots, f"{_describe(op)} produces it", weak=True)
+            return
+        getattr(self, f"_{role}")(op, inputs, outputs[0])
+
+    def _kernel(self, op, inputs, output):
+        (x,) = inputs
+        kernel = _to_numpy(op.kernel)
+        # Input channels the kernel does not read: all-zero rows.
+        ignored = ~np.any(np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1) != 0, axis=1)
+        constant_ok = x.known & ((x.value == 0) | (not _pads_with_zeros(op)))
+        self.block(
+            x.slots[~ignored & x.known & ~constant_ok],
+            f"{_describe(op)} pads its input with zeros (padding={_padding(op)!r}), so a "
+            "nonzero constant channel is not constant at its borders and its bias cannot take it",
+        )
+        self.block(x.slots[~ignored & ~x.known], f"{_describe(op)} reads it", weak=True)
+        # A unit is constant when every input channel it reads is: dead units
+        # (no input read) and units left so by the layers before.
+        sums = kernel.astype("float64").sum(axis=tuple(range(kernel.ndim - 2)))
+        reads = np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1, kernel.shape[-2]) != 0
+        reads = reads.any(axis=1)  # (units, inputs)
+        constant = ~np.any(reads & ~constant_ok[None, :], axis=1)
+        units = kernel.shape[-1]
+        bias = _to_numpy(op.bias).astype("float64") if op.use_bias else np.zeros(units)
+        pre = bias + np.where(constant_ok, x.value, 0.0) @ sums
+        out = self.new(output, _call(op.activation, pre, 2), constant)
+        if not _activation_is_elementwise(op.activation):
+            self.block(
+                out.slots,
+                f"the activation of {_describe(op)} is not elementwise: its other outputs "
+                "depend on the dead units",
+            )
+
+    def _depthwise(self, op, inputs, output):
+        (x,) = inputs
+        kernel = _to_numpy(op.kernel)  # (*taps, channels, multiplier)
+        taps = tuple(range(kernel.ndim - 2))
+        sums = kernel.astype("float64").sum(axis=taps)  # (channels, multiplier)
+        dead = ~np.any(kernel != 0, axis=taps)
+        multiplier = kernel.shape[-1]
+        bias = _to_numpy(op.bias).astype("float64") if op.use_bias else np.zeros(sums.size)
+        bias = bias.reshape(sums.shape)
+        constant_ok = x.known & ((x.value == 0) | (not _pads_with_zeros(op)))
+        self.block(
+            x.slots[x.known & ~constant_ok & ~dead.all(axis=1)],
+            f"{_describe(op)} pads its input with zeros (padding={_padding(op)!r}), so a "
+            "nonzero constant channel is not constant at its borders",
+        )
+        pre = np.where(dead, bias, x.value[:, None] * sums + bias)
+        known = dead | constant_ok[:, None]
+        out = self.new(output, _call(op.activation, pre.reshape(-1), 2), known.reshape(-1))
+        self.join(np.repeat(x.slots, multiplier), out.slots)
+        if not _activation_is_elementwise(op.activation):
+            self.block(out.slots, f"the activation of {_describe(op)} is not elementwise")
+
+    def _function(self, op, inputs, output):
+        (x,) = inputs
+        out = self.new(output, _call(op, x.value, len(output.shape)), x.known)
+        self.join(x.slots, out.slots)
+
+    def _identity(self, op, inputs, output):
+        (x,) = inputs
+        out = self.new(output, x.value, x.known)
+        self.join(x.slots, out.slots)
+
+    def _zero_padding(self, op, inputs, output):
+        (x,) = inputs
+        stays = x.known & (x.value == 0)
+        self.block(
+            x.slots[x.known & ~stays],
+            f"{_describe(op)} pads with zeros, so a nonzero constant channel is not "
+            "constant at the borders",
+        )
+        out = self.new(output, x.value, stays)
+        self.join(x.slots, out.slots)
+
+    def _add(self, op, inputs, output):
+        widths = {len(x.value) for x in inputs}
+        known = np.logical_and.reduce([x.known for x in inputs])
+        if len(widths) != 1:  # broadcasting: channels do not line up
+            for x in inputs:
+                self.block(x.slots, f"{_describe(op)} broadcasts its inputs")
+            self.block(self.new(output, np.zeros(output.shape[-1]), False).slots, "broadcast")
+            return
+        mixed = np.logical_or.reduce([x.known for x in inputs]) & ~known
+        out = self.new(output, sum(x.value for x in inputs), known)
+        for x in inputs:
+            self.join(x.slots, out.slots)
+        self.block(
+            out.slots[mixed],
+            f"{_describe(op)} adds it to a channel of another branch that is not dead",
+        )
+
+    def _concatenate(self, op, inputs, output):
+        out = self.new(
+            output,
+            np.concatenate([x.value for x in inputs]),
+            np.concatenate([x.known for x in inputs]),
+        )
+        self.join(np.concatenate([x.slots for x in inputs]), out.slots)
+
+    def _flatten(self, op, inputs, output):
+        (x,) = inputs
+        # channels_last: entry `p * channels + c` of the output is channel c at position p.
+        positions = output.shape[-1] // len(x.value)
+        out = self.new(output, np.tile(x.value, positions), np.tile(x.known, positions))
+        self.join(np.tile(x.slots, positions), out.slots)
+
+
+def _call(function, values, rank):
+    """`function` applied to a tensor holding `values` along its last axis (float64 out)."""
+    if function is None:
+        return np.asarray(values, "float64")
+    shaped = np.asarray(values, "float32").reshape((1,) * (rank - 1) + (-1,))
+    tensor = keras.ops.convert_to_tensor(shaped)
+    if isinstance(function, keras.layers.Layer):
+        result = function(tensor, training=False)
+    else:
+        result = function(tensor)
+    return _to_numpy(result).reshape(-1).astype("float64")
 
 
 # -------------------------------------------------------------------- result
@@ -145,15 +417,16 @@ def _describe(layer):
 
 @dataclasses.dataclass(frozen=True)
 class LayerShrink:
-    """What `shrink()` did to one `Dense` layer.
+    """What `shrink()` did to one layer with a kernel (`Dense`, a convolution).
 
     Attributes:
         name: The layer's name.
-        units_before, units_after: Output neurons before and after.
-        inputs_before, inputs_after: Input features before and after (rows
-            removed because the previous layer lost neurons).
-        dead_kept: Dead neurons (all-zero kernel columns) left in place.
-        reason: Why `dead_kept` neurons stay (`None` when none do).
+        units_before, units_after: Output units before and after (a Dense
+            layer's neurons, a convolution's filters or output channels).
+        inputs_before, inputs_after: Input features (channels) before and
+            after: rows removed because the layers before lost units.
+        dead_kept: Dead output units (all-zero kernel slices) left in place.
+        reason: Why `dead_kept` units stay (`None` when none do).
     """
 
     name: str
@@ -166,7 +439,7 @@ class LayerShrink:
 
     @property
     def removed(self):
-        """Output neurons removed."""
+        """Output units removed."""
         return self.units_before - self.units_after
 
 
@@ -175,16 +448,16 @@ _HEADERS = ("layer", "units", "inputs", "removed", "dead kept", "why kept")
 
 @dataclasses.dataclass(frozen=True)
 class ShrinkResult:
-    """The smaller model and what happened to each `Dense` layer.
+    """The smaller model and what happened to each layer with a kernel.
 
     Attributes:
         model: The new model, made of plain Keras layers.
-        layers: One `LayerShrink` per `Dense` layer of the model (top level),
-            in the model's layer order.
+        layers: One `LayerShrink` per top-level `Dense`, convolution and
+            depthwise convolution of the model, in the model's layer order.
         params_before, params_after: `count_params()` of the stripped model
             and of the new one.
-        flops_before, flops_after: `2 * inputs * units` summed over those
-            layers: the multiply-adds of one input vector, times two.
+        flops_before, flops_after: The multiply-adds of those layers for one
+            example, times two.
 
     `str(result)` is a text table of `layers`.
     """
@@ -221,100 +494,56 @@ class ShrinkResult:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- the graph
-
-
-def _consumers(model, layer, order):
-    """The layers reading `layer`'s output, and whether it is a model output."""
-    if isinstance(model, keras.Sequential):
-        index = order.index(layer)
-        if index == len(order) - 1:
-            return [], True
-        return [order[index + 1]], False
-    node = layer._inbound_nodes[0]
-    outputs = {id(t) for t in model.outputs}
-    is_output = any(id(t) in outputs for t in node.output_tensors)
-    return [n.operation for n in layer._outbound_nodes], is_output
-
-
-def _path_to_next_dense(model, layer, order):
-    """`(next Dense, per-feature layers in between)`, or `(None, reason)`."""
-    if not _activation_is_elementwise(layer.activation):
-        return None, (
-            f"the activation of {_describe(layer)} is not elementwise: its other "
-            "outputs depend on the dead neurons"
-        )
-    chain, current = [], layer
-    while True:
-        if not isinstance(model, keras.Sequential) and len(current._inbound_nodes) != 1:
-            return None, f"{_describe(current)} is called more than once (shared)"
-        consumers, is_output = _consumers(model, current, order)
-        if is_output:
-            return None, f"{_describe(current)} is an output of the model"
-        if len(consumers) != 1:
-            names = ", ".join(_describe(c) for c in consumers)
-            return (
-                None,
-                f"the output of {_describe(current)} feeds {len(consumers)} layers ({names})",
-            )
-        (consumer,) = consumers
-        if _plain_dense(consumer):
-            if not isinstance(model, keras.Sequential) and len(consumer._inbound_nodes) != 1:
-                return None, f"{_describe(consumer)} is called more than once (shared)"
-            return consumer, chain
-        if not _per_feature(consumer):
-            return None, (
-                f"{_describe(consumer)} follows and is not known to act feature by "
-                "feature, so its inputs cannot be removed"
-            )
-        chain.append(consumer)
-        current = consumer
-
-
-def _constants(layer, bias_shift, chain):
-    """Each neuron's output when its kernel column is zero, through `chain` (float64)."""
-    bias = _to_numpy(layer.bias) if layer.use_bias else np.zeros(layer.units, "float32")
-    bias = bias.astype("float64") + bias_shift
-    values = keras.ops.convert_to_tensor(bias[None, :].astype("float32"))
-    if layer.activation is not None:
-        values = layer.activation(values)
-    for step in chain:
-        values = step(values, training=False)
-    return _to_numpy(values)[0].astype("float64")
-
-
 # ------------------------------------------------------------------- shrink
 
 
-def shrink(model):
-    """A smaller copy of `model`, without its dead output neurons.
+def _flops(layer):
+    """Twice the multiply-adds of one example through `layer` (its kernel at each position)."""
+    positions = 1
+    for d in layer.output.shape[1:-1]:
+        positions *= int(d or 1)
+    return 2 * positions * int(np.prod(layer.kernel.shape))
 
-    Dead neurons are the all-zero kernel columns of the model's `Dense` and
-    `SparseLinear` layers (after `hard_prune()`, a neuron that
-    `SparseLinear(granularity="neuron")` pruned). Each one is removed from
-    its layer together with the matching input row of the next `Dense`
-    layer, whose bias absorbs the neuron's constant output
-    (`activation(bias)`, passed through what lies in between), so the new
-    model's outputs equal the old one's up to float rounding.
+
+def shrink(model):
+    """A smaller copy of `model`, without its dead output units.
+
+    Dead units are the all-zero kernel slices of the model's `Dense`,
+    `Conv1D/2D/3D` and depthwise convolution layers (or their sparse twins,
+    after `hard_prune()`): a neuron or a filter that
+    `granularity="neuron"` pruned. Such a unit outputs a constant,
+    `activation(bias)`, whatever the input. `shrink` follows the model's
+    graph from each one to the kernels that read it and removes the channel
+    all along the way: the filter itself, its slice of each
+    `BatchNormalization` and depthwise kernel in between, and the input rows
+    of the kernels that read it, whose biases absorb the constant, so the
+    new model's outputs equal the old one's up to float rounding.
 
     The model is first `strip()`ped: the result holds only built-in Keras
-    layers (`SparseLinear` becomes `Dense` with its pruned weights). Between a
-    layer and the next `Dense` there may be layers that act on each feature
-    on its own: `Dropout` (and the other noise layers, inactive at
-    inference), `Activation` with an elementwise function, `ReLU`,
-    `LeakyReLU`, `ELU`, `Identity`, and `BatchNormalization` on the last
-    axis (its statistics and scales are sliced too). Dead neurons stay, and
-    `result.layers` says why, when removing them is unsafe:
+    layers. Between a unit and the kernels reading it there may be layers
+    that treat each channel on its own: `BatchNormalization` (last axis),
+    `Activation` with an elementwise function, `ReLU` and friends,
+    `Dropout` and the noise layers (inactive at inference), pooling
+    (local and global), up-sampling, cropping, zero padding, depthwise
+    convolutions (whose channel goes with its input channel), `Flatten`
+    (into a `Dense`), and `Add` or `Concatenate` on the last axis. Channels
+    joined by an `Add` are removed only where every branch agrees. Dead
+    units stay, and `result.layers` says why, when removing them would
+    change the model's outputs or shape:
 
-    * the layer's output is an output of the model (its shape would change);
-    * its output feeds several layers (a branch), or reaches the next `Dense`
-      through any other layer (`Concatenate`, `Add`, `Softmax`, a custom
-      layer, ...), or the layer is shared;
-    * the next layer is not a plain `Dense` (LoRA-enabled or quantized).
+    * the channel is an output or an input of the model;
+    * it reaches any other layer (`Softmax`, `LayerNormalization`,
+      `Reshape`, attention, a nested model, a shared layer, ...), or an
+      `Add` joins it to a channel of another branch that is not dead;
+    * its constant is not zero and reaches a convolution (or `ZeroPadding`)
+      that pads with zeros: at the borders the padding, not the constant,
+      is what the kernel sees, so no bias can stand for it;
+    * the layer's activation is not elementwise (softmax).
 
-    A layer whose neurons are all dead keeps one, so that it still exists.
-    A `Dense` layer without a bias that absorbs a constant gets one. Layers
-    inside nested models are stripped but not shrunk.
+    A layer whose units are all dead keeps one, so that it still exists. A
+    layer without a bias that absorbs a constant gets one. Layers inside
+    nested models are stripped but not shrunk. Only `channels_last` layers
+    are followed.
 
     Args:
         model: A `keras.Sequential` or functional `keras.Model` (built). It is
@@ -322,8 +551,8 @@ def shrink(model):
 
     Returns:
         A `ShrinkResult`: `.model` (the new model), `.layers` (one
-        `LayerShrink` per top-level `Dense` layer: units and inputs before and
-        after, dead neurons kept and why), `.params_before/after` and
+        `LayerShrink` per top-level kernel layer: units and inputs before and
+        after, dead units kept and why), `.params_before/after` and
         `.flops_before/after`; `print(result)` shows a table.
 
     Raises:
@@ -333,14 +562,17 @@ def shrink(model):
     Example:
 
     ```python
-    model = keras.Sequential([keras.Input((784,)),
-        SparseLinear(300, activation="relu", granularity="neuron"),
+    model = keras.Sequential([keras.Input((28, 28, 1)),
+        SparseConv2D(32, 3, activation="relu", granularity="neuron"),
+        keras.layers.BatchNormalization(),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
         SparseLinear(100, activation="relu", granularity="neuron"),
         keras.layers.Dense(10)])
     # ... train with a SparsityScheduler, which hard-prunes at the end ...
     result = keras_sparse.shrink(model)
-    print(result)            # fc1: 300 -> 61 units, fc2: inputs 300 -> 61, ...
-    small = result.model     # plain Dense layers, same outputs
+    print(result)            # filters and neurons before and after, and why any stay
+    small = result.model     # plain Keras layers, same outputs
     ```
     """
     _check_model(model, "shrink")
@@ -350,90 +582,130 @@ def shrink(model):
             "Call it on data or build it with `keras.Input` first."
         )
     stripped = _strip(model, require_sparse=False)
-    order = list(stripped.layers)
-    plans = {}  # id(layer) -> dict(keep_cols, keep_rows, bias_shift)
-    notes = {}
+    graph = stripped._functional if isinstance(stripped, keras.Sequential) else stripped
+    if graph is None:
+        raise ValueError(
+            f"`shrink()` needs a model with a graph; Sequential '{model.name}' has none. "
+            "Start it with `keras.Input(shape)`."
+        )
+    channels = _ChannelGraph(graph)
+    blocked = channels.group_reasons()
 
-    def plan(layer):
-        if id(layer) not in plans:
-            in_features, units = (int(d) for d in layer.kernel.shape)
-            plans[id(layer)] = {
-                "keep_cols": np.ones(units, bool),
-                "keep_rows": np.ones(in_features, bool),
-                "bias_shift": np.zeros(units, "float64"),
-            }
-        return plans[id(layer)]
+    def removable(tensor):
+        return np.array([channels.root(int(s)) not in blocked for s in tensor.slots], bool)
 
-    slices = {}  # id(per-feature layer with weights) -> keep mask of its features
-    dense_layers = [layer for layer in order if _plain_dense(layer)]
-    # `model.layers` is in topological order: a layer's input rows are final
-    # (its producer came first) by the time its own columns are looked at.
-    for layer in dense_layers:
-        p = plan(layer)
-        kernel = _to_numpy(layer.kernel)[p["keep_rows"]]
-        dead = ~np.any(kernel != 0, axis=0)
-        if not dead.any():
+    def layer_node(layer):
+        nodes = [n for n in channels.nodes if n.operation is layer]
+        return nodes[0] if len(nodes) == 1 else None
+
+    kernel_layers = []
+    for layer in stripped.layers:
+        node = layer_node(layer)
+        if (
+            node is None
+            or node.is_input
+            or _role(layer, len(node.input_tensors[0].shape))
+            not in (
+                "kernel",
+                "depthwise",
+            )
+        ):
             continue
-        consumer, chain = _path_to_next_dense(stripped, layer, order)
-        if consumer is None:
-            notes[id(layer)] = (int(dead.sum()), chain)
+        if len(node.input_tensors) == 1:
+            kernel_layers.append((layer, node))
+
+    # A layer whose units would all go keeps its first one.
+    for layer, node in kernel_layers:
+        out = channels.tensors[id(node.output_tensors[0])]
+        if removable(out).all():
+            blocked[channels.root(int(out.slots[0]))] = (
+                f"every unit of {_describe(layer)} is dead: one stays so that the layer remains"
+            )
+
+    keep = {key: ~removable(tensor) for key, tensor in channels.tensors.items()}
+
+    def keeps(node):
+        x, y = node.input_tensors[0], node.output_tensors[0]
+        return keep[id(x)], keep[id(y)]
+
+    plans = {}
+    for layer, node in kernel_layers:
+        keep_in, keep_out = keeps(node)
+        if keep_in.all() and keep_out.all():
             continue
-        weighted = [step for step in chain if step.weights]
-        odd = [s for s in weighted if any(tuple(w.shape) != (layer.units,) for w in s.weights)]
-        if odd:
-            notes[id(layer)] = (int(dead.sum()), f"{_describe(odd[0])} has weights not per feature")
-            continue
-        remove = dead.copy()
-        if remove.all():
-            remove[0] = False
-            notes[id(layer)] = (1, "every neuron is dead: one stays so that the layer remains")
-        constants = _constants(layer, p["bias_shift"], chain)
-        next_kernel = _to_numpy(consumer.kernel).astype("float64")
-        p["keep_cols"] &= ~remove
-        consumer_plan = plan(consumer)
-        consumer_plan["keep_rows"] &= ~remove
-        consumer_plan["bias_shift"] += constants[remove] @ next_kernel[remove]
-        for step in weighted:
-            slices[id(step)] = ~remove
+        kernel = _to_numpy(layer.kernel).astype("float64")
+        x = channels.tensors[id(node.input_tensors[0])]
+        shift = None
+        if type(layer) in _KERNELS:
+            dropped = ~keep_in
+            value = np.where(x.known & dropped, x.value, 0.0)
+            rows = kernel.sum(axis=tuple(range(kernel.ndim - 2)))  # (inputs, units)
+            shift = value @ rows
+        plans[id(layer)] = (keep_in, keep_out, shift)
+    for layer in stripped.layers:
+        node = layer_node(layer)
+        if (
+            id(layer) not in plans
+            and node is not None
+            and type(layer) is keras.layers.BatchNormalization
+            and not keep[id(node.output_tensors[0])].all()
+        ):
+            plans[id(layer)] = (keep[id(node.output_tensors[0])], None, None)
 
     def replace(layer):
-        if id(layer) in plans:
-            p = plans[id(layer)]
-            arguments = _dense_arguments(layer)
-            arguments["units"] = int(p["keep_cols"].sum())
-            arguments["use_bias"] = layer.use_bias or bool(np.any(p["bias_shift"] != 0))
-            return keras.layers.Dense(**arguments)
-        if id(layer) in slices:
-            return layer.__class__.from_config(layer.get_config())
-        return None
+        if id(layer) not in plans:
+            return None
+        keep_in, keep_out, shift = plans[id(layer)]
+        config = layer.get_config()
+        if type(layer) in _KERNELS:
+            config["units" if "units" in config else "filters"] = int(keep_out.sum())
+            config["use_bias"] = layer.use_bias or bool(np.any(shift[keep_out] != 0))
+        return layer.__class__.from_config(config)
 
     new_model, replaced = _clone(stripped, replace)
     for old, new in replaced:
-        if id(old) in plans:
-            p = plans[id(old)]
-            kernel = _to_numpy(old.kernel)[p["keep_rows"]][:, p["keep_cols"]]
-            bias = _to_numpy(old.bias) if old.use_bias else np.zeros(old.units, "float32")
-            bias = (bias.astype("float64") + p["bias_shift"])[p["keep_cols"]]
+        keep_in, keep_out, shift = plans[id(old)]
+        if type(old) in _KERNELS:
+            kernel = _to_numpy(old.kernel)[..., keep_in, :][..., keep_out]
+            bias = _to_numpy(old.bias).astype("float64") if old.use_bias else 0.0
+            bias = (bias + shift)[keep_out]
             weights = [kernel] + ([bias.astype("float32")] if new.use_bias else [])
+        elif type(old) in _DEPTHWISE:
+            kernel = _to_numpy(old.kernel)[..., keep_in, :]
+            weights = [kernel]
+            if old.use_bias:
+                bias = _to_numpy(old.bias).reshape(-1, kernel.shape[-1])
+                weights.append(bias[keep_in].reshape(-1))
         else:
-            weights = [_to_numpy(w)[slices[id(old)]] for w in old.weights]
-        if not new.built:
-            new.build((None, int(weights[0].shape[0])))
+            weights = [_to_numpy(w)[keep_in] for w in old.weights]
         new.set_weights(weights)
 
-    new_dense = {layer.name: layer for layer in new_model.layers if _plain_dense(layer)}
+    new_layers = {layer.name: layer for layer in new_model.layers}
     rows, flops_before, flops_after = [], 0, 0
-    for layer in dense_layers:
-        in_before, units_before = (int(d) for d in layer.kernel.shape)
-        in_after, units_after = (int(d) for d in new_dense[layer.name].kernel.shape)
-        dead_kept, reason = notes.get(id(layer), (0, None))
+    for layer, node in kernel_layers:
+        keep_in, keep_out = keeps(node)
+        out = channels.tensors[id(node.output_tensors[0])]
+        kernel = _to_numpy(layer.kernel)
+        kept_dead = out.slots[out.known & keep_out]
+        reason = blocked.get(channels.root(int(kept_dead[0]))) if len(kept_dead) else None
+        if type(layer) in _DEPTHWISE:
+            inputs_before, units_before = kernel.shape[-2], kernel.shape[-2] * kernel.shape[-1]
+        else:
+            inputs_before, units_before = kernel.shape[-2], kernel.shape[-1]
+        new = new_layers[layer.name]
         rows.append(
             LayerShrink(
-                layer.name, units_before, units_after, in_before, in_after, dead_kept, reason
+                layer.name,
+                int(units_before),
+                int(units_before - (~keep_out).sum()),
+                int(inputs_before),
+                int(inputs_before - (~keep_in).sum()),
+                int(len(kept_dead)),
+                reason,
             )
         )
-        flops_before += 2 * in_before * units_before
-        flops_after += 2 * in_after * units_after
+        flops_before += _flops(layer)
+        flops_after += _flops(new)
     return ShrinkResult(
         model=new_model,
         layers=tuple(rows),

@@ -172,13 +172,28 @@ def _branch_model():
     return keras.Model(inputs, [a, b])
 
 
-def test_a_branch_keeps_its_dead_neurons_and_says_why(x):
+def test_a_branch_into_two_dense_layers_loses_its_dead_neurons_in_both(x):
     model = _randomize(_branch_model())
+    _kill(model.get_layer("trunk"), [2])
+    result = shrink(model)
+    rows = _rows(result)
+    assert (rows["trunk"].units_after, rows["trunk"].dead_kept) == (5, 0)
+    assert rows["head_a"].inputs_after == rows["head_b"].inputs_after == 5
+    for actual, expected in zip(result.model(x), model(x), strict=True):
+        np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), atol=1e-5)
+
+
+def test_a_branch_into_an_unknown_layer_keeps_its_dead_neurons_and_says_why(x):
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(6, activation="relu", name="trunk")(inputs)
+    a = keras.layers.Dense(2, name="head_a")(h)
+    b = keras.layers.LayerNormalization(name="norm")(h)
+    model = _randomize(keras.Model(inputs, [a, b]))
     _kill(model.get_layer("trunk"), [2])
     result = shrink(model)
     row = _rows(result)["trunk"]
     assert (row.units_after, row.dead_kept) == (6, 1)
-    assert "feeds 2 layers" in row.reason and "head_a" in row.reason
+    assert "'norm' (LayerNormalization)" in row.reason
     for actual, expected in zip(result.model(x), model(x), strict=True):
         np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), atol=1e-5)
 
@@ -234,7 +249,8 @@ def test_a_layer_with_every_neuron_dead_keeps_one(x):
     _kill(model.get_layer("a"), [0, 1, 2])
     result = shrink(model)
     row = _rows(result)["a"]
-    assert (row.units_after, row.dead_kept) == (1, 1) and "every neuron is dead" in row.reason
+    assert (row.units_after, row.dead_kept) == (1, 1)
+    assert "every unit of 'a' (Dense) is dead" in row.reason
     _assert_same_outputs(model, result, x)
 
 
