@@ -78,7 +78,11 @@ class MaskedKernel(typing.NamedTuple):
 
 def _einsum_axes(layer):
     """EinsumDense: the kernel axes named in the output are output units; the last other one
-    is the reduction axis N:M runs along."""
+    is the reduction axis N:M runs along. A parent may name the unit axes itself
+    (`_sparse_unit_axes`: the heads axis of an attention output projection)."""
+    units = getattr(layer, "_sparse_unit_axes", None)
+    if units is not None:
+        return tuple(units), None
     inputs_and_kernel, output = layer.equation.split("->")
     kernel = inputs_and_kernel.split(",")[1].strip()
     output_axes = tuple(i for i, letter in enumerate(kernel) if letter in output)
@@ -872,6 +876,13 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
     `(num_heads, key_dim)` for the query, key and value, `(output_dim,)` for
     the output.
 
+    `granularity="head"` prunes whole heads instead: the output projection
+    gets one threshold per head, compared with the RMS of the head's slice of
+    its kernel (`(key_dim, output_dim)` weights), and the query, key and value
+    projections stay dense. A pruned head adds nothing to the output, so
+    `keras_sparse.shrink()` removes it from all four projections and rebuilds
+    the layer with fewer heads.
+
     Example:
 
     >>> mha = keras_sparse.SparseMultiHeadAttention(num_heads=2, key_dim=8)
@@ -884,6 +895,9 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         from keras_sparse.mask import OPTION_NAMES
 
         sparse = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        self._prune_heads = sparse.get("granularity") == "head"
+        if self._prune_heads:
+            sparse["granularity"] = "neuron"
         self._sparse_options = MaskOptions.check(**sparse)
         super().__init__(num_heads, key_dim, *args, **kwargs)
 
@@ -891,8 +905,26 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
         super().build(query_shape, value_shape, key_shape)
         from keras_sparse.convert import convert_layer
 
+        if self._prune_heads:
+            # The output kernel is (heads, head_dim, output_dim): its units are heads.
+            object.__setattr__(self._output_dense, "_sparse_unit_axes", (0,))
+            convert_layer(self._output_dense, self._sparse_options.get_config())
+            return
         for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"):
             convert_layer(getattr(self, name), self._sparse_options.get_config())
 
+    def alive_heads(self):
+        """The heads the output projection's hard mask keeps (`granularity="head"`)."""
+        if not self._prune_heads:
+            raise ValueError(
+                f"Layer '{self.name}' prunes weights, not heads: alive_heads() needs "
+                f"granularity='head'. Received: granularity={self._sparse_options.granularity!r}"
+            )
+        kernel = keras.ops.convert_to_numpy(self._output_dense.effective_weight())
+        return int(np.count_nonzero(np.any(kernel.reshape(kernel.shape[0], -1) != 0, axis=1)))
+
     def get_config(self):
-        return {**super().get_config(), **self._sparse_options.get_config()}
+        config = {**super().get_config(), **self._sparse_options.get_config()}
+        if self._prune_heads:
+            config["granularity"] = "head"
+        return config

@@ -170,8 +170,16 @@ def _role(op, rank):
 
 
 def _pads_with_zeros(op):
-    """Whether `op` sees zeros beyond its input's borders (then a constant is not one there)."""
-    return _padding(op) != "valid"
+    """Whether `op` sees zeros beyond its input's borders (then a constant is not one there).
+
+    "same" and "causal" padding add `(kernel_size - 1) * dilation` entries: none for a
+    kernel of size 1, which therefore sees no padding.
+    """
+    if _padding(op) == "valid":
+        return False
+    sizes = np.atleast_1d(getattr(op, "kernel_size", 1))
+    rates = np.broadcast_to(np.atleast_1d(getattr(op, "dilation_rate", 1)), sizes.shape)
+    return bool(np.any((sizes - 1) * rates > 0))
 
 
 def _padding(op):
@@ -417,12 +425,13 @@ def _call(function, values, rank):
 
 @dataclasses.dataclass(frozen=True)
 class LayerShrink:
-    """What `shrink()` did to one layer with a kernel (`Dense`, a convolution).
+    """What `shrink()` did to one layer with a kernel (`Dense`, a convolution, attention).
 
     Attributes:
         name: The layer's name.
         units_before, units_after: Output units before and after (a Dense
-            layer's neurons, a convolution's filters or output channels).
+            layer's neurons, a convolution's filters or output channels, a
+            `MultiHeadAttention`'s heads).
         inputs_before, inputs_after: Input features (channels) before and
             after: rows removed because the layers before lost units.
         dead_kept: Dead output units (all-zero kernel slices) left in place.
@@ -452,8 +461,9 @@ class ShrinkResult:
 
     Attributes:
         model: The new model, made of plain Keras layers.
-        layers: One `LayerShrink` per top-level `Dense`, convolution and
-            depthwise convolution of the model, in the model's layer order.
+        layers: One `LayerShrink` per top-level `Dense`, convolution,
+            depthwise convolution and `MultiHeadAttention` of the model, in
+            the model's layer order.
         params_before, params_after: `count_params()` of the stripped model
             and of the new one.
         flops_before, flops_after: The multiply-adds of those layers for one
@@ -505,6 +515,41 @@ def _flops(layer):
     return 2 * positions * int(np.prod(layer.kernel.shape))
 
 
+_PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense")
+
+
+def _copy_kept_heads(old, new, keep_heads):
+    """`old`'s weights into `new`, a MultiHeadAttention with only the heads `keep_heads`."""
+    for name in _PROJECTIONS:  # kernels (input_dim, heads, head_dim), biases (heads, head_dim)
+        source, target = getattr(old, name), getattr(new, name)
+        target.kernel.assign(_to_numpy(source.kernel)[:, keep_heads])
+        if source.bias is not None:
+            target.bias.assign(_to_numpy(source.bias)[keep_heads])
+    source, target = old._output_dense, new._output_dense  # kernel (heads, head_dim, out)
+    target.kernel.assign(_to_numpy(source.kernel)[keep_heads])
+    if source.bias is not None:
+        target.bias.assign(_to_numpy(source.bias))
+
+
+def _attention_flops(layer):
+    """Twice the multiply-adds of one example through attention: the four projections at
+    each position, the scores and the weighted sum (sequence lengths from its input)."""
+    node = layer._inbound_nodes[0]
+    query, value = (
+        node.input_tensors[0],
+        node.input_tensors[1 if len(node.input_tensors) > 1 else 0],
+    )
+    length_q = int(np.prod([d or 1 for d in query.shape[1:-1]]))
+    length_v = int(np.prod([d or 1 for d in value.shape[1:-1]]))
+    size = lambda dense: int(np.prod(dense.kernel.shape))  # noqa: E731
+    projections = length_q * (size(layer._query_dense) + size(layer._output_dense)) + length_v * (
+        size(layer._key_dense) + size(layer._value_dense)
+    )
+    heads, key_dim = layer._query_dense.kernel.shape[1:]
+    value_dim = layer._value_dense.kernel.shape[-1]
+    return 2 * (projections + int(heads) * length_q * length_v * int(key_dim + value_dim))
+
+
 def shrink(model):
     """A smaller copy of `model`, without its dead output units.
 
@@ -539,6 +584,11 @@ def shrink(model):
       that pads with zeros: at the borders the padding, not the constant,
       is what the kernel sees, so no bias can stand for it;
     * the layer's activation is not elementwise (softmax).
+
+    A `MultiHeadAttention` loses its dead heads: those whose slice of the
+    output projection is all zero (what `SparseMultiHeadAttention(
+    granularity="head")` prunes) add nothing, so the layer is rebuilt with
+    fewer heads, their query, key, value and output slices removed.
 
     A layer whose units are all dead keeps one, so that it still exists. A
     layer without a bias that absorbs a constant gets one. Layers inside
@@ -652,7 +702,25 @@ def shrink(model):
         ):
             plans[id(layer)] = (keep[id(node.output_tensors[0])], None, None)
 
+    heads = {}  # id(attention layer) -> keep mask of its heads, and why a dead one stays
+    for layer in stripped.layers:
+        if type(layer) is keras.layers.MultiHeadAttention and layer.built:
+            output_kernel = _to_numpy(layer._output_dense.kernel)  # (heads, head_dim, out)
+            dead = ~np.any(output_kernel.reshape(output_kernel.shape[0], -1) != 0, axis=1)
+            reason = None
+            if dead.all():
+                dead[0] = False
+                reason = f"every head of {_describe(layer)} is dead: one stays"
+            heads[id(layer)] = (~dead, reason)
+
     def replace(layer):
+        if id(layer) in heads:
+            keep_heads, _ = heads[id(layer)]
+            if keep_heads.all():
+                return None
+            return layer.__class__.from_config(
+                {**layer.get_config(), "num_heads": int(keep_heads.sum())}
+            )
         if id(layer) not in plans:
             return None
         keep_in, keep_out, shift = plans[id(layer)]
@@ -664,6 +732,9 @@ def shrink(model):
 
     new_model, replaced = _clone(stripped, replace)
     for old, new in replaced:
+        if id(old) in heads:
+            _copy_kept_heads(old, new, heads[id(old)][0])
+            continue
         keep_in, keep_out, shift = plans[id(old)]
         if type(old) in _KERNELS:
             kernel = _to_numpy(old.kernel)[..., keep_in, :][..., keep_out]
@@ -706,6 +777,26 @@ def shrink(model):
         )
         flops_before += _flops(layer)
         flops_after += _flops(new)
+    for layer in stripped.layers:
+        if id(layer) in heads:
+            keep_heads, reason = heads[id(layer)]
+            width = int(layer._output_dense.kernel.shape[-1])
+            kept = int(keep_heads.sum())
+            rows.append(
+                LayerShrink(
+                    layer.name,
+                    len(keep_heads),
+                    kept,
+                    width,
+                    width,
+                    int(reason is not None),
+                    reason,
+                )
+            )
+            flops_before += _attention_flops(layer)
+            flops_after += _attention_flops(new_layers[layer.name])
+    order = {layer.name: i for i, layer in enumerate(stripped.layers)}
+    rows.sort(key=lambda row: order[row.name])
     return ShrinkResult(
         model=new_model,
         layers=tuple(rows),

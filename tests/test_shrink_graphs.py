@@ -169,6 +169,17 @@ def test_a_same_padded_conv_takes_a_constant_that_is_zero(rng):
     assert _rows(result)["conv1"].units_after == 3
 
 
+def test_a_same_padded_one_by_one_conv_pads_nothing_and_takes_any_constant(rng):
+    inputs = keras.Input((8, 8, 2))
+    h = keras.layers.Conv2D(4, 3, activation="sigmoid", name="conv1")(inputs)
+    outputs = keras.layers.Conv2D(2, 1, strides=2, padding="same", name="conv2")(h)
+    model = _randomize(keras.Model(inputs, outputs))
+    _kill(model.get_layer("conv1"), [2])
+    result = shrink(model)
+    _assert_same_outputs(model, result, _images(rng, (2, 8, 8, 2)))
+    assert _rows(result)["conv1"].units_after == 3
+
+
 def test_a_depthwise_channel_goes_with_its_input_channel(rng):
     inputs = keras.Input((9, 9, 3))
     h = keras.layers.Conv2D(6, 1, name="expand")(inputs)
