@@ -116,6 +116,12 @@ class MaskOptions:
                 f"of {INFERENCE_MASKS}. Received: inference_mask={options.inference_mask!r}"
             )
         granularity = options.granularity
+        if granularity == "head":
+            raise ValueError(
+                "Received an invalid value for `granularity`: 'head' prunes whole attention "
+                "heads and applies to `SparseMultiHeadAttention(..., granularity='head')` "
+                f"only; this layer takes one of {GRANULARITIES}. Received: granularity='head'"
+            )
         if granularity not in GRANULARITIES:
             raise ValueError(
                 "Received an invalid value for `granularity`, expected one of "

@@ -124,8 +124,11 @@ def test_the_scheduler_prunes_exactly_half_the_heads(rng):
 
 
 def test_head_granularity_is_refused_where_there_are_no_heads():
-    with pytest.raises(ValueError, match="granularity"):
+    with pytest.raises(ValueError, match="SparseMultiHeadAttention"):
         ks.SparseLinear(4, granularity="head")
+    model, _ = _model()
+    with pytest.raises(ValueError, match="SparseMultiHeadAttention"):
+        ks.sparsify(model, granularity="head")
     _, attention = _model()
     with pytest.raises(ValueError, match="granularity='head'"):
         attention.alive_heads()
