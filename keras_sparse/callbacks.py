@@ -104,8 +104,11 @@ class SparsityScheduler(keras.callbacks.Callback):
             of log-density error. Defaults to `200`.
         relax: Fraction of `gain` used to lower the penalty after an
             overshoot. Defaults to `0.1`.
-        initial_penalty, min_penalty, max_penalty: Starting value and bounds
-            of the penalty strength.
+        initial_penalty: Starting value of the penalty strength. Defaults
+            to `1e-3`.
+        min_penalty: Lower bound of the penalty strength. Defaults to
+            `1e-6`.
+        max_penalty: Upper bound of the penalty strength. Defaults to `1e3`.
         update_every: Steps between two updates of the strength. Defaults
             to 1 (it costs a few scalar operations per step).
         layers: The sparse layers to drive; defaults to every sparse layer

@@ -133,7 +133,8 @@ def is_n_m_sparse(kernel, n=2, m=4, axis=0):
             `(*kernel_size, in_channels, filters)` with `axis=-2` (groups
             along input channels); a PyTorch weight `(out, in)` with `axis=1`
             (the layout of `torch.sparse.to_sparse_semi_structured`).
-        n, m: The pattern, 2:4 by default.
+        n: The most nonzeros a group may hold. Defaults to `2`.
+        m: The group size. Defaults to `4` (the 2:4 pattern).
         axis: The reduction axis, along which groups run.
 
     A last group shorter than `m` (when `m` does not divide the axis) is

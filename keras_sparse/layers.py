@@ -432,7 +432,7 @@ class SparseKernelMixin:
         for mask in self._kernel_masks.values():
             mask.temperature = value
 
-    # ------------------------------------------------------ the seed's API
+    # ------------------------------------------- statistics and actions
 
     def num_active(self):
         """Number of weights with `|w| >= threshold` that were not pruned."""
@@ -565,8 +565,8 @@ class SparseLinear(SparseKernelMixin, keras.layers.Dense):
     magnitude of the weight's group (`keras_sparse.is_n_m_sparse()` checks
     the result).
 
-    `SparseLinear` is a `keras.layers.Dense` (the seed's name for it;
-    `SparseDense` is the same class), and every other `Sparse<StockName>`
+    `SparseLinear` is a `keras.layers.Dense` (`SparseDense` is the same
+    class, under the stock layer's name), and every other `Sparse<StockName>`
     layer takes the same pruning arguments.
 
     Args:
@@ -587,16 +587,19 @@ class SparseLinear(SparseKernelMixin, keras.layers.Dense):
         bias_initializer: Initializer for the bias. Defaults to `"zeros"`.
         threshold_initializer: Initializer for the threshold. Defaults to
             `"zeros"`: the layer starts dense.
-        kernel_regularizer, bias_regularizer, threshold_regularizer:
-            Regularizers for each weight. Default `None`.
+        kernel_regularizer: Regularizer for the kernel. Defaults to `None`.
+        bias_regularizer: Regularizer for the bias. Defaults to `None`.
+        threshold_regularizer: Regularizer for the threshold. Defaults to
+            `None`.
         activity_regularizer: Regularizer for the output. Default `None`.
-        kernel_constraint, bias_constraint: Constraints. Default `None`.
+        kernel_constraint: Constraint for the kernel. Defaults to `None`.
+        bias_constraint: Constraint for the bias. Defaults to `None`.
         threshold_constraint: Constraint for the threshold. Defaults to
             `"non_neg"`: a negative threshold prunes nothing and only shrinks
             small weights, so it is clipped at zero.
         straight_through: If `True`, the training forward pass uses the hard
             mask while gradients flow through the soft one (a straight-through
-            estimator). Defaults to `False` (the seed's soft mask).
+            estimator). Defaults to `False` (the soft mask).
         inference_mask: `"hard"` (default) or `"soft"`: the mask used when
             `training=False`.
         granularity: `"weight"` (default), `"neuron"` or `"n:m"`: what one
@@ -694,11 +697,11 @@ class SparseLinear(SparseKernelMixin, keras.layers.Dense):
             "activity_regularizer": keras.regularizers.serialize(self.activity_regularizer),
         }
 
-    # ------------------------------------------------------ seed-style API
+    # ------------------------------------------------- built constructors
 
     @classmethod
     def new(cls, in_features, out_features, **kwargs):
-        """A built structured layer with bias, as the seed's `SparseLinear::new`."""
+        """A layer built for `in_features` inputs: one threshold per neuron, with a bias."""
         return cls._built(in_features, out_features, **kwargs)
 
     @classmethod
@@ -771,39 +774,107 @@ class SparseEinsumDense(SparseKernelMixin, keras.layers.EinsumDense):
     masked_kernels = {"kernel": MaskedKernel(_einsum_axes, None, "kernel_initializer")}
 
 
-def _conv_class(stock, kernels, doc):
-    cls = type(
-        "Sparse" + stock.__name__,
-        (SparseKernelMixin, stock),
-        {
-            "masked_kernels": kernels,
-            "__doc__": doc.format(name=stock.__name__),
-            "__module__": __name__,
-        },
-    )
-    return _register(cls)
-
-
-_CONV_DOC = """`keras.layers.{name}` with a learnable pruning mask on its kernel.
+@_register
+class SparseConv1D(SparseKernelMixin, keras.layers.Conv1D):
+    """`keras.layers.Conv1D` with a learnable pruning mask on its kernel.
 
     One threshold per filter with `structured=True`; `granularity="neuron"`
     keeps or prunes whole filters (output channels); `"n:m"` groups run
     along input channels. Pruning arguments as in `SparseLinear`.
     """
-_CONV_TRANSPOSE_DOC = """`keras.layers.{name}` with a learnable pruning mask on its kernel.
+
+    masked_kernels = _CONV_KERNEL
+
+
+@_register
+class SparseConv2D(SparseKernelMixin, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with a learnable pruning mask on its kernel.
+
+    One threshold per filter with `structured=True`; `granularity="neuron"`
+    keeps or prunes whole filters (output channels); `"n:m"` groups run
+    along input channels. Pruning arguments as in `SparseLinear`.
+    """
+
+    masked_kernels = _CONV_KERNEL
+
+
+@_register
+class SparseConv3D(SparseKernelMixin, keras.layers.Conv3D):
+    """`keras.layers.Conv3D` with a learnable pruning mask on its kernel.
+
+    One threshold per filter with `structured=True`; `granularity="neuron"`
+    keeps or prunes whole filters (output channels); `"n:m"` groups run
+    along input channels. Pruning arguments as in `SparseLinear`.
+    """
+
+    masked_kernels = _CONV_KERNEL
+
+
+@_register
+class SparseConv1DTranspose(SparseKernelMixin, keras.layers.Conv1DTranspose):
+    """`keras.layers.Conv1DTranspose` with a learnable pruning mask on its kernel.
 
     The kernel is `(*kernel_size, filters, input_channels)`: one threshold
     per filter with `structured=True`; `"n:m"` groups run along input
     channels. Pruning arguments as in `SparseLinear`.
     """
-_DEPTHWISE_DOC = """`keras.layers.{name}` with a learnable pruning mask on its kernel.
+
+    masked_kernels = _CONV_TRANSPOSE_KERNEL
+
+
+@_register
+class SparseConv2DTranspose(SparseKernelMixin, keras.layers.Conv2DTranspose):
+    """`keras.layers.Conv2DTranspose` with a learnable pruning mask on its kernel.
+
+    The kernel is `(*kernel_size, filters, input_channels)`: one threshold
+    per filter with `structured=True`; `"n:m"` groups run along input
+    channels. Pruning arguments as in `SparseLinear`.
+    """
+
+    masked_kernels = _CONV_TRANSPOSE_KERNEL
+
+
+@_register
+class SparseConv3DTranspose(SparseKernelMixin, keras.layers.Conv3DTranspose):
+    """`keras.layers.Conv3DTranspose` with a learnable pruning mask on its kernel.
+
+    The kernel is `(*kernel_size, filters, input_channels)`: one threshold
+    per filter with `structured=True`; `"n:m"` groups run along input
+    channels. Pruning arguments as in `SparseLinear`.
+    """
+
+    masked_kernels = _CONV_TRANSPOSE_KERNEL
+
+
+@_register
+class SparseDepthwiseConv1D(SparseKernelMixin, keras.layers.DepthwiseConv1D):
+    """`keras.layers.DepthwiseConv1D` with a learnable pruning mask on its kernel.
 
     The kernel is `(*kernel_size, input_channels, depth_multiplier)`: each
     (channel, multiplier) pair is one output channel, with one threshold
     with `structured=True`. Its only reduction is over the window, so
     `granularity="n:m"` is refused. Pruning arguments as in `SparseLinear`.
     """
-_SEPARABLE_DOC = """`keras.layers.{name}` with learnable pruning masks on both kernels.
+
+    masked_kernels = _DEPTHWISE_KERNEL
+
+
+@_register
+class SparseDepthwiseConv2D(SparseKernelMixin, keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` with a learnable pruning mask on its kernel.
+
+    The kernel is `(*kernel_size, input_channels, depth_multiplier)`: each
+    (channel, multiplier) pair is one output channel, with one threshold
+    with `structured=True`. Its only reduction is over the window, so
+    `granularity="n:m"` is refused. Pruning arguments as in `SparseLinear`.
+    """
+
+    masked_kernels = _DEPTHWISE_KERNEL
+
+
+@_register
+class SparseSeparableConv1D(SparseKernelMixin, keras.layers.SeparableConv1D):
+    """`keras.layers.SeparableConv1D` with learnable pruning masks on both kernels.
 
     The depthwise kernel is pruned as `SparseDepthwiseConv*`'s, the
     pointwise kernel as a `SparseConv*` kernel; each has its own threshold,
@@ -812,26 +883,21 @@ _SEPARABLE_DOC = """`keras.layers.{name}` with learnable pruning masks on both k
     axis to group along). Pruning arguments as in `SparseLinear`.
     """
 
-SparseConv1D = _conv_class(keras.layers.Conv1D, _CONV_KERNEL, _CONV_DOC)
-SparseConv2D = _conv_class(keras.layers.Conv2D, _CONV_KERNEL, _CONV_DOC)
-SparseConv3D = _conv_class(keras.layers.Conv3D, _CONV_KERNEL, _CONV_DOC)
-SparseConv1DTranspose = _conv_class(
-    keras.layers.Conv1DTranspose, _CONV_TRANSPOSE_KERNEL, _CONV_TRANSPOSE_DOC
-)
-SparseConv2DTranspose = _conv_class(
-    keras.layers.Conv2DTranspose, _CONV_TRANSPOSE_KERNEL, _CONV_TRANSPOSE_DOC
-)
-SparseConv3DTranspose = _conv_class(
-    keras.layers.Conv3DTranspose, _CONV_TRANSPOSE_KERNEL, _CONV_TRANSPOSE_DOC
-)
-SparseDepthwiseConv1D = _conv_class(keras.layers.DepthwiseConv1D, _DEPTHWISE_KERNEL, _DEPTHWISE_DOC)
-SparseDepthwiseConv2D = _conv_class(keras.layers.DepthwiseConv2D, _DEPTHWISE_KERNEL, _DEPTHWISE_DOC)
-SparseSeparableConv1D = _conv_class(
-    keras.layers.SeparableConv1D, _SEPARABLE_KERNELS, _SEPARABLE_DOC
-)
-SparseSeparableConv2D = _conv_class(
-    keras.layers.SeparableConv2D, _SEPARABLE_KERNELS, _SEPARABLE_DOC
-)
+    masked_kernels = _SEPARABLE_KERNELS
+
+
+@_register
+class SparseSeparableConv2D(SparseKernelMixin, keras.layers.SeparableConv2D):
+    """`keras.layers.SeparableConv2D` with learnable pruning masks on both kernels.
+
+    The depthwise kernel is pruned as `SparseDepthwiseConv*`'s, the
+    pointwise kernel as a `SparseConv*` kernel; each has its own threshold,
+    temperature and penalty (variables prefixed `depthwise_`, `pointwise_`).
+    `granularity="n:m"` is refused (the depthwise kernel has no reduction
+    axis to group along). Pruning arguments as in `SparseLinear`.
+    """
+
+    masked_kernels = _SEPARABLE_KERNELS
 
 
 @_register

@@ -12,7 +12,7 @@ is the same for every layer type, so it lives here once:
   `sigmoid((|kernel| - threshold) * temperature)` at the layer's
   granularity, the hard mask `|kernel| >= threshold`, the straight-through
   mix, and TensorFlow's hand-fused gradient;
-* the seed's methods: `density`, `num_active`, `effective_weight`,
+* the statistics and actions: `density`, `num_active`, `effective_weight`,
   `hard_prune`, `reset_threshold`.
 
 A layer owns one `KernelMask` per pruned kernel; the variables are the
@@ -197,7 +197,7 @@ def _unmasked(kernel, prune_mask):
 
 @ops.custom_gradient
 def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
-    """`(kernel * mask, mean(mask))` for the seed's mask, with a hand-fused gradient.
+    """`(kernel * mask, mean(mask))` for the soft mask, with a hand-fused gradient.
 
     `mask = sigmoid((|kernel| - threshold) * temperature) * prune_mask`, where
     `threshold` has the kernel's rank (size 1 on the reduction axes when there
@@ -449,7 +449,7 @@ class KernelMask:
         return ops.cast(self.prune_mask.value, "float32")
 
     def soft(self, kernel):
-        """The seed's mask, `sigmoid((|kernel| - threshold) * temperature)`, at the granularity."""
+        """The soft mask, `sigmoid((|kernel| - threshold) * temperature)`, at the granularity."""
         granularity = self.options.granularity
         prune_mask = self._prune_mask_float()
         threshold = self._broadcast(self.threshold)
@@ -557,7 +557,7 @@ class KernelMask:
             return kernel
         return _unmasked(kernel, self.prune_mask.value)
 
-    # ------------------------------------------------------ the seed's API
+    # ------------------------------------------- statistics and actions
 
     def num_active(self):
         """Number of weights the hard mask keeps."""
