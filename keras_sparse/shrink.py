@@ -12,12 +12,14 @@ smaller model computes the same function with fewer parameters and FLOPs.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
 from keras.src.ops.numpy import Add as _SymbolicAdd  # `x + y` on Keras tensors
 
 from keras_sparse.transforms import _strip
+from keras_sparse.walk import walk
 
 
 def _to_numpy(x):
@@ -515,6 +517,45 @@ def _flops(layer):
     return 2 * positions * int(np.prod(layer.kernel.shape))
 
 
+def _dead_units(layer):
+    """How many output units of a Dense or convolution layer have an all-zero kernel slice."""
+    kernel = _to_numpy(layer.kernel)
+    if isinstance(layer, _DEPTHWISE):
+        kernel = kernel.reshape(*kernel.shape[:-2], -1)
+    return int(np.sum(~np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)))
+
+
+def _why_not_followed(layer, node):
+    if node is None:
+        return f"{_describe(layer)} is called more than once (shared)"
+    if not _channels_last(layer):
+        return f"{_describe(layer)} is channels_first: shrink follows channels_last layers only"
+    if getattr(layer, "groups", 1) != 1:
+        return f"{_describe(layer)} is a grouped convolution (groups={layer.groups})"
+    if not _plain(layer):
+        return f"{_describe(layer)} is LoRA-enabled or quantized"
+    return f"{_describe(layer)} is not followed by shrink"
+
+
+def _warn_about_nested_dead_units(model):
+    """Dead units inside nested models and custom layers stay: say so, not silently."""
+    top = {id(layer) for layer in model.layers}
+    nested = [
+        (layer, _dead_units(layer))
+        for layer, _ in walk(model)
+        if id(layer) not in top and type(layer) in (*_KERNELS, *_DEPTHWISE) and layer.built
+    ]
+    nested = [(layer, dead) for layer, dead in nested if dead]
+    if nested:
+        names = ", ".join(f"'{layer.name}' ({dead})" for layer, dead in nested[:10])
+        more = f" and {len(nested) - 10} more" if len(nested) > 10 else ""
+        warnings.warn(
+            f"shrink() left the dead units of {len(nested)} layer(s) inside nested models or "
+            f"custom layers in place (it follows the top-level graph only): {names}{more}",
+            stacklevel=3,
+        )
+
+
 _PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense")
 
 
@@ -795,8 +836,29 @@ def shrink(model):
             )
             flops_before += _attention_flops(layer)
             flops_after += _attention_flops(new_layers[layer.name])
+    handled = {id(layer) for layer, _ in kernel_layers} | set(heads)
+    for layer in stripped.layers:
+        if id(layer) in handled or not isinstance(layer, (*_KERNELS, *_DEPTHWISE)):
+            continue
+        dead = _dead_units(layer)
+        if dead:
+            units = int(layer.kernel.shape[-1])
+            if isinstance(layer, _DEPTHWISE):
+                units *= int(layer.kernel.shape[-2])
+            rows.append(
+                LayerShrink(
+                    layer.name,
+                    units,
+                    units,
+                    int(layer.kernel.shape[-2]),
+                    int(layer.kernel.shape[-2]),
+                    dead,
+                    _why_not_followed(layer, layer_node(layer)),
+                )
+            )
     order = {layer.name: i for i, layer in enumerate(stripped.layers)}
     rows.sort(key=lambda row: order[row.name])
+    _warn_about_nested_dead_units(stripped)
     return ShrinkResult(
         model=new_model,
         layers=tuple(rows),

@@ -258,3 +258,27 @@ def test_average_pooling_passes_constants_on_every_backend(rng, padding):
     result = shrink(model)
     _assert_same_outputs(model, result, _images(rng, (2, 7, 7, 2)))
     assert _rows(result)["conv"].units_after == 3
+
+
+def test_a_channels_first_conv_keeps_its_dead_filters_and_says_why(rng):
+    inputs = keras.Input((3, 8, 8))
+    h = keras.layers.Conv2D(4, 3, data_format="channels_first", name="conv")(inputs)
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(h))
+    model = _randomize(keras.Model(inputs, outputs))
+    _kill(model.get_layer("conv"), [1])
+    result = shrink(model)
+    row = _rows(result)["conv"]
+    assert (row.units_after, row.dead_kept) == (4, 1) and "channels_first" in row.reason
+
+
+def test_dead_units_inside_a_nested_model_are_reported_not_silently_kept(rng):
+    inner = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, name="inner_fc"), keras.layers.Dense(2)],
+        name="inner",
+    )
+    inputs = keras.Input((6,))
+    model = _randomize(keras.Model(inputs, inner(keras.layers.Dense(6, name="fc")(inputs))))
+    _kill(inner.get_layer("inner_fc"), [0, 3])
+    with pytest.warns(UserWarning, match=r"inside nested models.*'inner_fc' \(2\)"):
+        result = shrink(model)
+    _assert_same_outputs(model, result, rng.normal(size=(3, 6)).astype("float32"))
