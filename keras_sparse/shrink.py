@@ -378,12 +378,12 @@ class _ChannelGraph:
 
     def _add(self, op, inputs, output):
         widths = {len(x.value) for x in inputs}
-        known = np.logical_and.reduce([x.known for x in inputs])
         if len(widths) != 1:  # broadcasting: channels do not line up
             for x in inputs:
                 self.block(x.slots, f"{_describe(op)} broadcasts its inputs")
             self.block(self.new(output, np.zeros(output.shape[-1]), False).slots, "broadcast")
             return
+        known = np.logical_and.reduce([x.known for x in inputs])
         mixed = np.logical_or.reduce([x.known for x in inputs]) & ~known
         out = self.new(output, sum(x.value for x in inputs), known)
         for x in inputs:

@@ -282,3 +282,16 @@ def test_dead_units_inside_a_nested_model_are_reported_not_silently_kept(rng):
     with pytest.warns(UserWarning, match=r"inside nested models.*'inner_fc' \(2\)"):
         result = shrink(model)
     _assert_same_outputs(model, result, rng.normal(size=(3, 6)).astype("float32"))
+
+
+def test_an_add_that_broadcasts_keeps_its_channels_and_says_why(rng):
+    inputs = keras.Input((6,))
+    a = keras.layers.Dense(4, name="a")(inputs)
+    b = keras.layers.Dense(1, name="b")(inputs)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.Add(name="add")([a, b]))
+    model = _randomize(keras.Model(inputs, outputs))
+    _kill(model.get_layer("a"), [1])
+    result = shrink(model)
+    row = _rows(result)["a"]
+    assert row.dead_kept == 1 and "broadcasts" in row.reason
+    _assert_same_outputs(model, result, rng.normal(size=(3, 6)).astype("float32"))
