@@ -7,7 +7,8 @@ from keras import ops
 
 def gradients(layer, x, upstream, training=True, with_losses=False):
     """Gradients of `sum(layer(x) * upstream)` (plus the layer's `add_loss` terms if
-    `with_losses`) w.r.t. `layer.trainable_variables`, as NumPy."""
+    `with_losses`) w.r.t. `layer.trainable_variables`, as NumPy; zeros for a variable
+    the loss does not depend on (the threshold under the hard mask)."""
     backend = keras.backend.backend()
     variables = layer.trainable_variables
     if backend == "tensorflow":
@@ -17,7 +18,9 @@ def gradients(layer, x, upstream, training=True, with_losses=False):
             loss = ops.sum(layer(x, training=training) * upstream)
             if with_losses:
                 loss = loss + sum(layer.losses)
-        grads = tape.gradient(loss, [v.value for v in variables])
+        grads = tape.gradient(
+            loss, [v.value for v in variables], unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
     elif backend == "jax":
         import jax
 
@@ -31,13 +34,18 @@ def gradients(layer, x, upstream, training=True, with_losses=False):
 
         grads = jax.grad(loss_fn)([v.value for v in variables])
     elif backend == "torch":
+        import torch
+
         for v in variables:
             v.value.grad = None
         loss = ops.sum(layer(x, training=training) * ops.convert_to_tensor(upstream))
         if with_losses:
             loss = loss + sum(layer.losses)
         loss.backward()
-        grads = [v.value.grad for v in variables]
+        grads = [
+            v.value.grad if v.value.grad is not None else torch.zeros_like(v.value)
+            for v in variables
+        ]
     else:  # pragma: no cover
         raise NotImplementedError(backend)
     return [ops.convert_to_numpy(g) for g in grads]

@@ -109,3 +109,32 @@ def conv_transpose(x, kernel):
         contribution = np.tensordot(x[(slice(None),) + position], kernel, axes=([1], [rank + 1]))
         out[window] += contribution
     return out
+
+
+# ------------------------------------------------------ the scheduler's freeze
+
+
+def frozen_keep(margins, target, min_density, per_layer=False):
+    """What `SparsityScheduler`'s freeze keeps of masks of weight granularity.
+
+    `margins` holds one array per mask, `(|kernel| - threshold) / weight_scale`. Each
+    group (all masks, or each mask with `per_layer`) keeps `round((1 - target) * size)`
+    weights: first each mask's `ceil(min_density * size)` best margins (its floor), then
+    the best margins of the group's other weights, up to that count.
+    """
+    flats = [np.ravel(m) for m in margins]
+    keeps = [np.zeros(f.size, bool) for f in flats]
+    groups = [[i] for i in range(len(flats))] if per_layer else [list(range(len(flats)))]
+    for group in groups:
+        budget = int(round((1.0 - target) * sum(flats[i].size for i in group)))
+        for i in group:
+            floor = int(np.ceil(min_density * flats[i].size))
+            keeps[i][np.argsort(-flats[i])[:floor]] = True
+        rest = budget - sum(int(keeps[i].sum()) for i in group)
+        if rest > 0:
+            pool = np.concatenate([np.where(keeps[i], -np.inf, flats[i]) for i in group])
+            owner = np.concatenate([np.full(flats[i].size, i) for i in group])
+            index = np.concatenate([np.arange(flats[i].size) for i in group])
+            for j in np.argsort(-pool)[:rest]:
+                keeps[owner[j]][index[j]] = True
+    return [k.reshape(np.shape(m)) for k, m in zip(keeps, margins)]

@@ -7,6 +7,7 @@ a NumPy forward pass of the pruned network.
 
 import gzip
 import os
+import sys
 
 import keras
 import numpy as np
@@ -107,7 +108,7 @@ def _saved_model_ops(path):
 
 @STRIP
 def test_saved_model_reloads_with_the_same_outputs(shipped, strip):
-    tf = pytest.importorskip("tensorflow")
+    tf = require("tensorflow")
     reloaded = tf.saved_model.load(shipped.artifact("tf_saved_model", strip))
     outputs = reloaded.serve(shipped.x).numpy()
     np.testing.assert_allclose(outputs, shipped.expected, rtol=1e-5, atol=1e-6)
@@ -115,7 +116,7 @@ def test_saved_model_reloads_with_the_same_outputs(shipped, strip):
 
 @STRIP
 def test_saved_model_variables_hold_the_pruned_kernels(shipped, strip):
-    tf = pytest.importorskip("tensorflow")
+    tf = require("tensorflow")
     reloaded = tf.saved_model.load(shipped.artifact("tf_saved_model", strip))
     values = [v.numpy() for v in reloaded.variables]
     for kernel in shipped.kernels:
@@ -188,7 +189,7 @@ def _tflite_interpreter(path):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
-        tf = pytest.importorskip("tensorflow")
+        tf = require("tensorflow")
         Interpreter = tf.lite.Interpreter
     return Interpreter(model_path=path)
 
@@ -239,6 +240,21 @@ def test_onnx_exists_on_every_backend():
     for backend in ("tensorflow", "jax", "torch"):
         problem = export_problem("onnx", backend)
         assert problem is None or "pip install" in problem
+
+
+@pytest.mark.parametrize("ci", [True, False], ids=["ci", "user"])
+def test_a_missing_converter_fails_in_ci_and_skips_elsewhere(monkeypatch, ci):
+    # The converter of this backend's ONNX route, as if it were not installed.
+    converter = {"tensorflow": "tf2onnx", "jax": "jax2onnx", "torch": "onnxscript"}[BACKEND]
+    monkeypatch.setitem(sys.modules, converter, None)
+    problem = export_problem("onnx")
+    assert f"pip install {converter}" in problem
+    if ci:
+        monkeypatch.setenv("KERAS_SPARSE_REQUIRE_ALL", "1")
+    else:
+        monkeypatch.delenv("KERAS_SPARSE_REQUIRE_ALL", raising=False)
+    with pytest.raises(pytest.fail.Exception if ci else pytest.skip.Exception, match=converter):
+        skip_route(problem)
 
 
 def test_export_of_unknown_format_raises_and_writes_nothing(shipped, tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import reference
@@ -93,10 +94,15 @@ def test_threshold_gradient_matches_finite_differences(rng):
 
 
 @pytest.mark.parametrize("structured", [True, False])
-def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, structured):
+@pytest.mark.parametrize("training", [True, False], ids=["training", "soft_inference"])
+def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, structured, training):
     # The loss `fit` sees, `sum(y * upstream) + penalty * mean(mask)`, with some
     # weights already pruned: its gradients against float64 central differences.
-    layer = make_layer(rng, structured=structured, temperature=2.0)
+    # In training, TensorFlow takes its fused gradient and the others autodiff; the soft
+    # inference mask (no penalty there) is autodiff on every backend.
+    layer = make_layer(
+        rng, structured=structured, temperature=2.0, inference_mask="hard" if training else "soft"
+    )
     penalty = 0.7
     layer.sparsity_penalty.assign(penalty)
     alive = rng.random((6, 4)) > 0.3
@@ -105,12 +111,12 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, stru
     upstream = rng.normal(size=(5, 4))
     kernel, bias, threshold = (a.astype("float64") for a in layer_arrays(layer))
     d_kernel, _, d_threshold = gradients(
-        layer, x.astype("float32"), upstream.astype("float32"), with_losses=True
+        layer, x.astype("float32"), upstream.astype("float32"), training, with_losses=training
     )
 
     def loss(k, t):
         mask = reference.soft_mask(k, t, 2.0) * alive
-        return np.sum((x @ (k * mask) + bias) * upstream) + penalty * np.mean(mask)
+        return np.sum((x @ (k * mask) + bias) * upstream) + training * penalty * np.mean(mask)
 
     def numeric(f, at, eps=1e-6):
         grad = np.zeros_like(at)
@@ -125,21 +131,48 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, stru
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-3, atol=1e-3)
     assert np.all(d_kernel[~alive] == 0)
+    x = x.astype("float32")
+    want = x @ (kernel * reference.soft_mask(kernel, threshold, 2.0) * alive) + bias
+    np.testing.assert_allclose(to_numpy(layer(x, training=training)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_takes_the_backends_own_path(rng, monkeypatch):
+    # TensorFlow trains through the hand-fused gradient, the others through autodiff
+    # of `soft()`: the tests above then check each backend's own path.
+    from keras_sparse import mask as mask_module
+
+    calls = []
+    fused = mask_module._soft_masked_kernel
+
+    def counted(*args):
+        calls.append(args)
+        return fused(*args)
+
+    monkeypatch.setattr(mask_module, "_soft_masked_kernel", counted)
+    layer = make_layer(rng)
+    layer(rng.normal(size=(2, 6)).astype("float32"), training=True)
+    assert len(calls) == (1 if keras.backend.backend() == "tensorflow" else 0)
 
 
 def test_straight_through_forward_is_hard_and_gradient_is_soft(rng):
     layer = SparseLinear(4, temperature=5.0, straight_through=True)
     layer.build((None, 6))
     layer.set_weights(make_layer(rng).get_weights())
+    alive = rng.random((6, 4)) > 0.3  # some weights already pruned
+    layer.prune_mask.assign(alive)
     x = rng.normal(size=(5, 6)).astype("float32")
     upstream = rng.normal(size=(5, 4)).astype("float32")
     kernel, bias, threshold = layer_arrays(layer)
-    hard = reference.forward(x, kernel, bias, threshold, 5.0, hard=True)
+    hard = reference.forward(x, kernel * alive, bias, threshold, 5.0, hard=True)
     np.testing.assert_allclose(to_numpy(layer(x, training=True)), hard, rtol=1e-5, atol=1e-5)
-    d_threshold = gradients(layer, x, upstream)[2]
-    mask = reference.soft_mask(kernel, threshold, 5.0)
-    want = -((x.T @ upstream) * kernel * mask * (1 - mask) * 5.0).sum(axis=0)
+    d_kernel, _, d_threshold = gradients(layer, x, upstream)
+    mask = reference.soft_mask(kernel, threshold, 5.0) * alive
+    hard_mask = (np.abs(kernel) >= threshold) * alive
+    d_effective = x.T @ upstream
+    want = -(d_effective * kernel * alive * mask * (1 - mask) * 5.0).sum(axis=0)
     np.testing.assert_allclose(d_threshold, want, rtol=1e-4, atol=1e-4)
+    want_kernel = d_effective * (hard_mask + np.abs(kernel) * alive * mask * (1 - mask) * 5.0)
+    np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------- weights, shapes
@@ -227,23 +260,42 @@ def test_hard_prune_zeroes_pruned_weights_and_resets_the_threshold():
     assert layer.density() == pytest.approx(0.5)
 
 
-def test_pruned_weights_stay_pruned_when_the_threshold_drops():
-    layer = SparseLinear.new(3, 2, temperature=4.0, use_bias=False)
+# Every path a pruned weight could come back through: the training mask (TensorFlow's
+# fused gradient, autodiff elsewhere), the straight-through mix, the soft inference mask
+# and the hard one.
+PATHS = {
+    "training": ({}, True),
+    "straight_through": ({"straight_through": True}, True),
+    "soft_inference": ({"inference_mask": "soft"}, False),
+    "hard_inference": ({}, False),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pruned_weights_stay_pruned_when_the_threshold_drops(path):
+    options, training = PATHS[path]
+    layer = SparseLinear.new(3, 2, temperature=4.0, use_bias=False, **options)
     original = np.array([[0.1, 0.9], [0.8, 0.05], [0.3, 0.4]], "float32")
     layer.kernel.assign(original)
     layer.reset_threshold(0.35)
     layer.hard_prune()
-    # An optimizer's momentum moves the zeroed entries back (their gradient is
-    # zero, not their velocity), and the threshold drops to nothing: the
-    # pruned weights must stay out, in training and in inference alike.
-    layer.kernel.assign(original)
-    layer.reset_threshold(0.0)
+    pruned = np.abs(original) < 0.35
+    np.testing.assert_array_equal(to_numpy(layer.prune_mask), ~pruned)
+    # An optimizer's momentum moves the zeroed entries back, past every kept weight (their
+    # gradient is zero, not their velocity), and the threshold drops below all of them:
+    # every mask formula alone would keep them; `prune_mask` must not.
+    moved = np.where(pruned, np.float32(-1.5), original)
+    layer.kernel.assign(moved)
+    layer.reset_threshold(0.02)
+    soft = reference.soft_mask(moved, 0.02, 4.0)
+    hard = (np.abs(moved) >= 0.02).astype("float32")
+    mask = soft if path in ("training", "soft_inference") else hard
+    expected = np.where(pruned, 0.0, moved * mask)
     x = np.eye(3, dtype="float32")
-    pruned = np.array([[True, False], [False, True], [True, False]])
-    soft = 1.0 / (1.0 + np.exp(-np.abs(original) * 4.0))
-    expected_training = np.where(pruned, 0.0, original * soft)
-    np.testing.assert_allclose(to_numpy(layer(x, training=True)), expected_training, rtol=1e-6)
-    np.testing.assert_array_equal(to_numpy(layer(x, training=False)), np.where(pruned, 0, original))
+    np.testing.assert_allclose(to_numpy(layer(x, training=training)), expected, rtol=1e-6)
+    d_kernel, _ = gradients(layer, x, np.ones((3, 2), "float32"), training=training)
+    assert np.all(d_kernel[pruned] == 0)
+    assert np.all(d_kernel[~pruned] != 0)
 
 
 def test_reset_threshold_accepts_scalars_and_arrays():

@@ -1,10 +1,12 @@
 """Schedules, the SparsityScheduler callback, and reaching a target on a small task."""
 
 import csv
+import math
 
 import keras
 import numpy as np
 import pytest
+import reference
 from backend_utils import to_numpy
 
 import keras_sparse as ks
@@ -115,11 +117,9 @@ def fit_with_scheduler(scheduler, epochs=12, callbacks=(), structured=True):
     return model, history, (x, y)
 
 
-def achieved_sparsity(model):
-    layers = ks.sparse_layers(model)
-    active = sum(int(np.count_nonzero(to_numpy(layer.effective_weight()))) for layer in layers)
-    total = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
-    return 1.0 - active / total
+def nonzero_weights(layer):
+    """The weights the layer's stored kernel still holds, counted in NumPy."""
+    return int(np.count_nonzero(to_numpy(layer.kernel)))
 
 
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
@@ -127,11 +127,15 @@ def test_scheduler_reaches_the_target_sparsity(scope):
     # 16 steps per epoch; the ramp ends at step 120, then the mask is frozen.
     schedule = ks.PolynomialDecay(0.8, begin_step=0, end_step=120)
     model, history, (x, y) = fit_with_scheduler(ks.SparsityScheduler(schedule, scope=scope))
-    # Exact up to rounding once the mask is frozen at the end of the ramp.
-    assert achieved_sparsity(model) == pytest.approx(0.8, abs=0.005)
-    if scope == "per_layer":
-        for layer in ks.sparse_layers(model):
-            assert layer.sparsity() == pytest.approx(0.8, abs=0.05)
+    # The freeze keeps exactly round((1 - 0.8) * size) weights of each group: 134 of the
+    # model's 672, or 128 of the hidden layer's 640 and 6 of the head's 32.
+    hidden, head = ks.sparse_layers(model)
+    if scope == "global":
+        assert nonzero_weights(hidden) + nonzero_weights(head) == round(0.2 * 672) == 134
+    else:
+        assert (nonzero_weights(hidden), nonzero_weights(head)) == (128, 6)
+    for layer in (hidden, head):
+        assert layer.num_active() == nonzero_weights(layer)
     # The pruned model still explains most of the target's variance.
     assert history.history["loss"][-1] < 0.25 * float(np.var(y))
 
@@ -139,7 +143,7 @@ def test_scheduler_reaches_the_target_sparsity(scope):
 def test_scheduler_drives_per_weight_thresholds_too():
     schedule = ks.PolynomialDecay(0.8, begin_step=0, end_step=120)
     model, history, (x, y) = fit_with_scheduler(ks.SparsityScheduler(schedule), structured=False)
-    assert achieved_sparsity(model) == pytest.approx(0.8, abs=0.005)
+    assert sum(nonzero_weights(layer) for layer in ks.sparse_layers(model)) == 134
     # Reached by the learned thresholds before the freeze, not by the final snap alone.
     assert history.history["sparsity"][6] > 0.6
     assert history.history["loss"][-1] < 0.25 * float(np.var(y))
@@ -157,13 +161,107 @@ def test_frozen_model_evaluates_exactly_as_its_effective_weights():
 
 
 def test_no_layer_falls_below_the_floor():
+    # A target far below the floor, plain SGD (no momentum to carry a threshold on once
+    # its penalty stops), per-weight thresholds and a bounded penalty, so that a step
+    # prunes a few weights: each layer reaches its floor in the ramp's first half and
+    # stays there until the freeze, while the penalty would take it further.
+    x, y = teacher_task(n=128)
+    model = small_model(structured=False)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
     scheduler = ks.SparsityScheduler(
-        ks.PolynomialDecay(0.97, begin_step=0, end_step=120), min_density=0.1, scope="per_layer"
+        ks.PolynomialDecay(0.97, begin_step=0, end_step=64),
+        min_density=0.3,
+        scope="per_layer",
+        max_penalty=100.0,
     )
-    model, _, _ = fit_with_scheduler(scheduler)
-    for layer in ks.sparse_layers(model):
-        # One update of overshoot at most past the floor.
-        assert layer.density() >= 0.1 - 0.05
+    history = model.fit(x, y, batch_size=16, epochs=9, verbose=0, callbacks=[scheduler])
+    for name in ("hidden", "head"):
+        before_freeze = history.history[f"density/{name}"][:8]  # epochs end at steps 8..64
+        assert min(before_freeze[:4]) <= 0.3 + 0.05, name  # the floor is reached by step 32
+        assert min(before_freeze) >= 0.3 - 0.05, name  # one update of overshoot at most
+    # The freeze then keeps each layer's floor exactly: ceil(0.3 * size) weights.
+    hidden, head = ks.sparse_layers(model)
+    assert (nonzero_weights(hidden), nonzero_weights(head)) == (192, 10)
+
+
+def two_layer_model(rng, narrow_threshold=(0.0, 0.5)):
+    """Two sparse layers of 48 and 24 weights, one threshold per unit and one per weight,
+    with random kernels and thresholds."""
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            ks.SparseLinear(8, name="wide"),
+            ks.SparseLinear(3, structured=False, name="narrow"),
+        ]
+    )
+    wide, narrow = ks.sparse_layers(model)
+    for layer, low_high in ((wide, (0.0, 0.5)), (narrow, narrow_threshold)):
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype("float32"))
+        layer.threshold.assign(rng.uniform(*low_high, size=layer.threshold.shape).astype("float32"))
+    return model
+
+
+def fit_without_learning(model, scheduler, steps):
+    """`steps` driven steps that move no weight (learning rate 0)."""
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4 * steps, 6)).astype("float32")
+    y = rng.normal(size=(4 * steps, 3)).astype("float32")
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[scheduler])
+
+
+@pytest.mark.parametrize(
+    "scope, target, min_density, counts",
+    [
+        # The narrow layer's thresholds sit above its weights: globally, only its floor
+        # of ceil(0.1 * 24) = 3 weights survives, and the wide layer takes the rest of 18.
+        ("global", 0.75, 0.1, (15, 3)),
+        ("per_layer", 0.75, 0.1, (12, 6)),
+        # A floor above the target: ceil(0.25 * size) weights each.
+        ("per_layer", 0.9, 0.25, (12, 6)),
+    ],
+)
+def test_the_freeze_keeps_exactly_the_target_ranked_by_margin(
+    rng, scope, target, min_density, counts
+):
+    model = two_layer_model(rng, narrow_threshold=(3.0, 4.0))
+    layers = ks.sparse_layers(model)
+    kernels = [to_numpy(layer.kernel) for layer in layers]
+    margins = [
+        (np.abs(k) - to_numpy(layer.threshold)) / np.std(k) for k, layer in zip(kernels, layers)
+    ]
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(target, begin_step=0, end_step=1), scope=scope, min_density=min_density
+    )
+    fit_without_learning(model, scheduler, steps=2)  # frozen before the second step
+    assert scheduler.frozen
+    keeps = reference.frozen_keep(margins, target, min_density, per_layer=scope == "per_layer")
+    assert tuple(int(k.sum()) for k in keeps) == counts
+    for layer, kernel, keep in zip(layers, kernels, keeps):
+        np.testing.assert_array_equal(to_numpy(layer.prune_mask), keep)
+        np.testing.assert_array_equal(to_numpy(layer.kernel), np.where(keep, kernel, 0.0))
+        np.testing.assert_array_equal(to_numpy(layer.threshold), 0.0)
+        assert layer.num_active() == int(keep.sum())
+
+
+def test_a_mask_at_its_floor_gets_no_penalty(rng):
+    # The wide layer's thresholds keep 2 of its 48 weights, under the floor of 10%; the
+    # narrow one keeps all 24. One driven step on a target of 97% (density 3%): both are
+    # above the target, but only the narrow layer is pushed.
+    model = two_layer_model(rng)
+    wide, narrow = ks.sparse_layers(model)
+    magnitude = np.abs(to_numpy(wide.kernel))
+    wide.reset_threshold(np.sort(magnitude, axis=None)[-2])
+    narrow.reset_threshold(0.0)
+    assert (wide.num_active(), narrow.num_active()) == (2, 24)
+    scheduler = ks.SparsityScheduler(
+        ks.ConstantSparsity(0.97, begin_step=0), scope="per_layer", min_density=0.1
+    )
+    fit_without_learning(model, scheduler, steps=1)
+    # log(penalty) starts at log(1e-3) and moves by gain / ramp (200 / 200) times the
+    # log-density error, clipped to 1: log(1 / 0.03) > 1.
+    assert float(to_numpy(wide.sparsity_penalty)) == 0.0
+    np.testing.assert_allclose(to_numpy(narrow.sparsity_penalty), 1e-3 * math.e, rtol=1e-5)
 
 
 def test_scheduler_writes_statistics_into_logs(tmp_path):
