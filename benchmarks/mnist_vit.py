@@ -81,7 +81,20 @@ def build_parser(description=None):
     parser.add_argument(
         "--out", default=None, help="JSON output (default results/vit_mnist_<backend>.json)"
     )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the runs already in the output file (more seeds, a wider sweep)",
+    )
     return parser
+
+
+def earlier_runs(args, out):
+    """With --append, the runs already in `out` and the configs that wrote them."""
+    if not (args.append and out.exists()):
+        return [], []
+    previous = json.loads(out.read_text())
+    return previous["runs"], previous.get("earlier_configs", []) + [previous["config"]]
 
 
 def parse_args(argv=None, parser=None):
@@ -225,11 +238,16 @@ def run_one(method, target, seed, args, data):
     return row
 
 
-def write_results(rows, args, out, drop=("out", "backend", "mnist"), summary=None):
-    """The runs and their medians per method and target (of `summary`'s runs if given)."""
+def write_results(rows, args, out, drop=("out", "backend", "mnist"), summary=None, earlier=()):
+    """The runs and their medians per method and target (of `summary`'s runs if given).
+
+    `earlier`: the configs of the invocations whose runs `rows` continues.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in drop}
     result = {"config": config, "runs": rows}
+    if earlier:
+        result["earlier_configs"] = list(earlier)
     if summary is not None:
         result["selected"] = summary
     result["median"] = median_rows(rows if summary is None else summary)
@@ -247,7 +265,7 @@ def main(argv=None):
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"vit_mnist_{args.backend}.json"
-    rows = []
+    rows, earlier = earlier_runs(args, out)
     for method in args.methods.split(","):
         for target in [0.0] if method == "dense" else targets:
             for seed in seeds:
@@ -260,7 +278,7 @@ def main(argv=None):
                     flush=True,
                 )
                 # Written after every run, so a run cut short keeps what it measured.
-                write_results(rows, args, out)
+                write_results(rows, args, out, ("out", "backend", "mnist", "append"), None, earlier)
 
 
 if __name__ == "__main__":

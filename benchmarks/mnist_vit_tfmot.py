@@ -111,7 +111,7 @@ def main(argv=None):
     args = bench.parse_args(argv)
     data = bench.load_data(datasets.load_mnist, args.mnist)
     out = Path(args.out) if args.out else bench.RESULTS / "vit_mnist_tfmot.json"
-    rows = []
+    rows, earlier = bench.earlier_runs(args, out)
     for target in [float(t) for t in args.targets.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             row = run_one(target, seed, args, data)
@@ -121,7 +121,8 @@ def main(argv=None):
                 f"sparsity={row['sparsity']:.4f} wall={row['wall_s']:.1f}s",
                 flush=True,
             )
-            bench.write_results(rows, args, out, drop=("out", "backend", "methods", "mnist"))
+            drop = ("out", "backend", "methods", "mnist", "append")
+            bench.write_results(rows, args, out, drop, earlier=earlier)
 
 
 if __name__ == "__main__":
