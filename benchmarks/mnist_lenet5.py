@@ -35,8 +35,8 @@ BACKENDS = ("tensorflow", "jax", "torch")
 LENET5_WEIGHTS = 5 * 5 * 1 * 6 + 5 * 5 * 6 * 16 + 400 * 120 + 120 * 84 + 84 * 10
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description=None):
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--backend", default="jax", choices=BACKENDS)
     parser.add_argument(
         "--mnist",
@@ -51,6 +51,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--out", default=None, help="JSON output (default results/lenet5_mnist_<backend>.json)"
     )
+    return parser
+
+
+def parse_args(argv=None, parser=None):
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if not args.mnist:
         parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
