@@ -517,12 +517,49 @@ def _flops(layer):
     return 2 * positions * int(np.prod(layer.kernel.shape))
 
 
-def _dead_units(layer):
-    """How many output units of a Dense or convolution layer have an all-zero kernel slice."""
+_REPORTED = (
+    *_KERNELS,
+    *_DEPTHWISE,
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+    keras.layers.EinsumDense,
+)
+
+
+def _units(layer):
+    """`(units x weights matrix, input features)` of a layer with a kernel: each row holds
+    one output unit's weights (a neuron, a filter, an output channel)."""
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        kernel = _to_numpy(layer.pointwise_kernel)
+        inputs = int(layer.depthwise_kernel.shape[-2])
+        return np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1), inputs
     kernel = _to_numpy(layer.kernel)
-    if isinstance(layer, _DEPTHWISE):
-        kernel = kernel.reshape(*kernel.shape[:-2], -1)
-    return int(np.sum(~np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)))
+    if isinstance(layer, _DEPTHWISE):  # (*taps, channels, multiplier): unit c * m + j
+        units = np.moveaxis(kernel.reshape(*kernel.shape[:-2], -1), -1, 0)
+        return units.reshape(units.shape[0], -1), int(kernel.shape[-2])
+    if isinstance(
+        layer,
+        (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose),
+    ):  # (*taps, filters, input channels)
+        return np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1), int(kernel.shape[-1])
+    if isinstance(layer, keras.layers.EinsumDense):
+        from keras_sparse.layers import _einsum_axes
+
+        output_axes, _ = _einsum_axes(layer)
+        rest = [a for a in range(kernel.ndim) if a not in output_axes]
+        moved = np.transpose(kernel, (*output_axes, *rest))
+        units = int(np.prod([kernel.shape[a] for a in output_axes]))
+        return moved.reshape(units, -1), int(np.prod([kernel.shape[a] for a in rest]))
+    return np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1), int(kernel.shape[-2])
+
+
+def _dead_units(layer):
+    """How many output units of a layer with a kernel have an all-zero kernel slice."""
+    units, _ = _units(layer)
+    return int(np.sum(~np.any(units != 0, axis=1)))
 
 
 def _why_not_followed(layer, node):
@@ -534,7 +571,7 @@ def _why_not_followed(layer, node):
         return f"{_describe(layer)} is a grouped convolution (groups={layer.groups})"
     if not _plain(layer):
         return f"{_describe(layer)} is LoRA-enabled or quantized"
-    return f"{_describe(layer)} is not followed by shrink"
+    return f"shrink does not remove the units of a {type(layer).__name__} layer"
 
 
 def _warn_about_nested_dead_units(model):
@@ -543,7 +580,7 @@ def _warn_about_nested_dead_units(model):
     nested = [
         (layer, _dead_units(layer))
         for layer, _ in walk(model)
-        if id(layer) not in top and type(layer) in (*_KERNELS, *_DEPTHWISE) and layer.built
+        if id(layer) not in top and isinstance(layer, _REPORTED) and layer.built
     ]
     nested = [(layer, dead) for layer, dead in nested if dead]
     if nested:
@@ -838,20 +875,18 @@ def shrink(model):
             flops_after += _attention_flops(new_layers[layer.name])
     handled = {id(layer) for layer, _ in kernel_layers} | set(heads)
     for layer in stripped.layers:
-        if id(layer) in handled or not isinstance(layer, (*_KERNELS, *_DEPTHWISE)):
+        if id(layer) in handled or not isinstance(layer, _REPORTED) or not layer.built:
             continue
         dead = _dead_units(layer)
         if dead:
-            units = int(layer.kernel.shape[-1])
-            if isinstance(layer, _DEPTHWISE):
-                units *= int(layer.kernel.shape[-2])
+            units, inputs = _units(layer)
             rows.append(
                 LayerShrink(
                     layer.name,
-                    units,
-                    units,
-                    int(layer.kernel.shape[-2]),
-                    int(layer.kernel.shape[-2]),
+                    len(units),
+                    len(units),
+                    inputs,
+                    inputs,
                     dead,
                     _why_not_followed(layer, layer_node(layer)),
                 )

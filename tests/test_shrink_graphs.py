@@ -295,3 +295,28 @@ def test_an_add_that_broadcasts_keeps_its_channels_and_says_why(rng):
     row = _rows(result)["a"]
     assert row.dead_kept == 1 and "broadcasts" in row.reason
     _assert_same_outputs(model, result, rng.normal(size=(3, 6)).astype("float32"))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        keras.layers.SeparableConv2D(4, 3, name="conv"),
+        keras.layers.Conv2DTranspose(4, 3, name="conv"),
+    ],
+    ids=["separable", "transpose"],
+)
+def test_layers_shrink_does_not_cut_report_their_dead_units(layer, rng):
+    inputs = keras.Input((6, 6, 2))
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(layer(inputs)))
+    model = _randomize(keras.Model(inputs, outputs))
+    conv = model.get_layer("conv")
+    attribute = "pointwise_kernel" if hasattr(conv, "pointwise_kernel") else "kernel"
+    kernel = to_numpy(getattr(conv, attribute)).copy()
+    if attribute == "pointwise_kernel":  # (1, 1, channels, filters)
+        kernel[..., 2] = 0.0
+    else:  # a transposed conv's kernel is (*taps, filters, input channels)
+        kernel[..., 1, :] = 0.0
+    getattr(conv, attribute).assign(kernel)
+    row = _rows(shrink(model))["conv"]
+    assert (row.units_before, row.units_after, row.dead_kept) == (4, 4, 1)
+    assert f"a {type(conv).__name__} layer" in row.reason
