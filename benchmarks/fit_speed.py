@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--update-every", type=int, default=None, help="the driver's; default its default"
+    )
     parser.add_argument("--threads", type=int, default=1, choices=(0, 1))
     parser.add_argument("--core", type=int, default=1, help="the core of --threads 1")
     parser.add_argument("--out", default=None, help="default results/fit_speed_<backend>.json")
@@ -114,7 +117,9 @@ def keras_variants(args, hidden):
     far = 10**9  # a ramp that never ends while timed
 
     def driver():
-        return [ks.SparsityScheduler(ks.PolynomialDecay(0.9, begin_step=0, end_step=far))]
+        every = {} if args.update_every is None else {"update_every": args.update_every}
+        schedule = ks.PolynomialDecay(0.9, begin_step=0, end_step=far)
+        return [ks.SparsityScheduler(schedule, **every)]
 
     variants = {
         "dense": (compiled(mlp(keras.layers.Dense)), lambda: []),

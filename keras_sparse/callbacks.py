@@ -219,7 +219,8 @@ class SparsityScheduler(keras.callbacks.Callback):
         self.model  # noqa: B018 -- on JAX, reading `model` syncs the variables from the train state
         with _host_reads():
             self._start()
-        self._epoch_start = self.step
+        self._epoch_start, self._batches_begun = self.step, 0
+        self._eager_steps = _steps_run_as_python(self.model)
         if not self.frozen:
             for mask in self._masks:
                 mask.driver = self
@@ -227,26 +228,48 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = self.step
+        self._batches_begun = 0
 
+    # No `on_train_batch_end`: a callback with one makes Keras wait for each
+    # step's logs before dispatching the next step (no asynchronous dispatch).
+    # The step count is kept from the batches begun instead.
     def on_train_batch_begin(self, batch, logs=None):
+        self.step = self._epoch_start + int(batch)
+        self._batches_begun = int(batch) + self.model.steps_per_execution
         if not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0:
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
             with _host_reads():
                 self._freeze(self._steps(self.step))
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.step = self._epoch_start + int(batch) + 1
+    def _count_steps(self):
+        """The steps taken, at an epoch's or the training's end."""
+        if self.frozen or not self._masks:
+            # The masks stopped counting at the freeze.
+            self.step = self._epoch_start + self._batches_begun
+            steps = self.params.get("steps") if self.params else None
+            if steps:  # the last chunk of `steps_per_execution` may be short
+                self.step = min(self.step, self._epoch_start + int(steps))
+        elif self._eager_steps:
+            self.step = self._epoch_start + self._batches_begun
+            for mask in self._masks:
+                state = mask.sparsity_state
+                state.assign(ops.concatenate([ops.full((1,), float(self.step)), state[1:]]))
+        else:
+            with _host_reads():
+                self.step = int(_scalar(self._masks[0].state("step")))
 
     def on_epoch_end(self, epoch, logs=None):
+        self.model  # noqa: B018 -- JAX: sync the variables before reading them
+        self._count_steps()
         if logs is None:
             return
-        self.model  # noqa: B018 -- JAX: sync the variables before reading them
         with _host_reads():
             self._check_finite(logs)
             logs.update(self.statistics())
 
     def on_train_end(self, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
+        self._count_steps()
         for mask in self._masks or ():
             mask.driver = None
         if self.frozen:
@@ -321,22 +344,39 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     # ------------------------------------------- the feedback, in the graph
 
-    def drive(self, mask, count):
-        """One driven training step of `mask`, inside the traced train step.
+    def drive(self, mask, kernel):
+        """One driven training step of `mask`, inside the train step.
 
-        Called by the mask's forward pass with its hard count. Advances its
-        step, sets its temperature, records its density and, for the first
-        mask of a group, updates the group's penalty strength and writes
-        every member's penalty.
+        Called by the mask's forward pass. On a step where the driver
+        updates (every `update_every` steps) it measures the mask's hard
+        density, sets its temperature and, for the first mask of a group,
+        updates the group's penalty strength and writes every member's
+        penalty; other steps keep them as they are.
         """
         state = mask.sparsity_state
-        step, scale = state[_STEP], state[_SCALE]
-        density = count / mask.size
-        mask._temperature.assign(self._relative_schedule(mask)(step) / scale)
+        if self._eager_steps:
+            # The step runs as Python: the host knows the step number, so a
+            # step without an update costs nothing (the step count is
+            # written to the masks at the epoch's end).
+            if self.step % self.update_every:
+                return
+            step, due = ops.convert_to_tensor(float(self.step)), True
+        else:
+            # A compiled step holds one program for every step: it computes
+            # the update and keeps it on the steps that are due.
+            step = state[_STEP]
+            due = ops.equal(ops.mod(step, float(self.update_every)), 0.0)
+        scale = state[_SCALE]
+        density = ops.cast(ops.count_nonzero(mask.keep(kernel)), "float32") / float(mask.size)
+        temperature = self._relative_schedule(mask)(step) / scale
         log_penalty = state[_LOG_PENALTY]
         group = self._group_of(mask)
         if group[0] is mask:
-            log_penalty = self._control(group, density, step, log_penalty)
+            log_penalty = self._control(group, density, step, log_penalty, due)
+        if not self._eager_steps:
+            temperature = ops.where(due, temperature, mask._temperature.value)
+            density = ops.where(due, density, state[_DENSITY])
+        mask._temperature.assign(temperature)
         state.assign(ops.stack([step + 1.0, log_penalty, density, scale, ops.zeros_like(step)]))
 
     def _group_of(self, mask):
@@ -344,7 +384,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             return self._masks
         return [mask]
 
-    def _control(self, group, leader_density, step, log_penalty):
+    def _control(self, group, leader_density, step, log_penalty, due):
         sizes = np.array([m.size for m in group], dtype="float64")
         densities = [leader_density] + [m.state("hard_density") for m in group[1:]]
         densities = ops.stack(densities)
@@ -359,10 +399,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         # Pruning is hard to undo, so an overshoot only slowly relaxes the
         # penalty (no wind-down to nothing while the schedule catches up).
         rate = ops.where(error > 0, self.gain / ramp, self.gain / ramp * self.relax)
-        updating = ops.logical_and(
-            ops.logical_and(target > 0, ops.isfinite(error)),
-            ops.equal(ops.mod(step, float(self.update_every)), 0.0),
-        )
+        updating = ops.logical_and(ops.logical_and(target > 0, ops.isfinite(error)), due)
         moved = ops.clip(
             log_penalty + rate * error * float(self.update_every),
             math.log(self.min_penalty),
@@ -378,7 +415,8 @@ class SparsityScheduler(keras.callbacks.Callback):
         shares = sizes / sizes.sum() if self.scope == "global" else np.ones(len(group))
         for i, (member, share) in enumerate(zip(group, shares)):
             above_floor = ops.cast(densities[i] > self.min_density, "float32")
-            member.sparsity_penalty.assign(strength * float(share) * above_floor)
+            penalty = strength * float(share) * above_floor
+            member.sparsity_penalty.assign(ops.where(due, penalty, member.sparsity_penalty.value))
         return log_penalty
 
     # --------------------------------------------------------------- freeze
@@ -435,7 +473,8 @@ class SparsityScheduler(keras.callbacks.Callback):
         for mask in self._masks:
             mask.sparsity_penalty.assign(0.0)
             state = mask.sparsity_state
-            state.assign(ops.concatenate([state[:_FROZEN], ops.ones((1,))]))
+            step = ops.full((1,), float(self.step))
+            state.assign(ops.concatenate([step, state[_LOG_PENALTY:_FROZEN], ops.ones((1,))]))
             mask.frozen = True
             mask.driver = None
         self.frozen = True
@@ -496,6 +535,15 @@ class SparsityScheduler(keras.callbacks.Callback):
             "(end_step, end_epoch, or end_fraction=0.75 of the run).",
             stacklevel=2,
         )
+
+
+def _steps_run_as_python(model):
+    """Whether each train step runs as Python (eager), not as one compiled program."""
+    if model.steps_per_execution > 1:
+        return False  # several steps per call: the host sees their first only
+    if model.run_eagerly:
+        return True
+    return keras.backend.backend() == "torch" and not model.jit_compile
 
 
 def _penalty_term(mask):

@@ -526,8 +526,7 @@ class KernelMask:
                 self.layer.add_loss(0.0 * ops.sum(self.threshold.value))
                 return kernel * self._prune_mask_float()
             if self.driver is not None:
-                count = ops.sum(ops.cast(self.keep(kernel), "float32"))
-                self.driver.drive(self, count)
+                self.driver.drive(self, kernel)
             if self._fused_training():
                 # Tensors, not variables: a custom gradient must not read variables.
                 masked, density = _soft_masked_kernel(

@@ -136,6 +136,81 @@ def test_torch_steps_read_nothing_back_to_the_host(monkeypatch):
     assert m.layers[0].masks["kernel"].state("step") == 2 * STEPS_PER_EPOCH
 
 
+def test_the_scheduler_keeps_keras_asynchronous_dispatch():
+    # Keras dispatches steps ahead of their logs unless a callback has a
+    # batch-end hook (it then waits for each step's logs).
+    scheduler = ks.SparsityScheduler(0.5)
+    assert type(scheduler).on_train_batch_end is keras.callbacks.Callback.on_train_batch_end
+    alone = keras.callbacks.CallbackList([], model=compiled(model()))
+    driven = keras.callbacks.CallbackList([scheduler], model=compiled(model()))
+    assert driven._async_train == alone._async_train
+
+
+class _EveryStep(keras.callbacks.Callback):
+    """Records the first mask's temperature and the model's penalties after each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperatures, self.penalties = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        masks = ks.kernel_masks(self.model)
+        self.temperatures.append(masks[0].temperature)
+        self.penalties.append([float(to_numpy(m.sparsity_penalty)) for m in masks])
+
+
+def _driven_run(run_eagerly, every=3, epochs=2):
+    keras.utils.set_random_seed(7)
+    m = model()
+    m.compile(
+        keras.optimizers.Adam(3e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=run_eagerly,
+    )
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.8, begin_step=0, end_step=100), update_every=every
+    )
+    recorder = _EveryStep()
+    x, y = data()
+    m.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[scheduler, recorder],
+    )
+    return m, scheduler, recorder
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+def test_update_every_updates_on_due_steps_only_and_counts_every_step(run_eagerly):
+    every, epochs = 3, 2
+    m, scheduler, recorder = _driven_run(run_eagerly, every, epochs)
+    steps = epochs * STEPS_PER_EPOCH
+    # The temperature rises on due steps (0, 3, 6, ...) and holds in between.
+    temperatures = np.array(recorder.temperatures)
+    changed = np.flatnonzero(np.diff(temperatures) != 0) + 1
+    np.testing.assert_array_equal(changed, np.arange(every, steps, every))
+    penalties = np.array(recorder.penalties)
+    moved = np.flatnonzero(np.any(np.diff(penalties, axis=0) != 0, axis=1)) + 1
+    assert set(moved) <= set(range(every, steps, every)), moved
+    assert len(moved) > 0
+    # The masks count every step, driven or not.
+    for mask in ks.kernel_masks(m):
+        assert int(to_numpy(mask.state("step"))) == steps
+    assert scheduler.step == steps
+
+
+def test_eager_and_compiled_steps_drive_alike():
+    # Eager steps decide on the host which steps update; compiled ones in the graph.
+    _, _, compiled_run = _driven_run(run_eagerly=False)
+    _, _, eager_run = _driven_run(run_eagerly=True)
+    np.testing.assert_allclose(eager_run.temperatures, compiled_run.temperatures, rtol=1e-6)
+    np.testing.assert_allclose(eager_run.penalties, compiled_run.penalties, rtol=1e-4, atol=1e-9)
+
+
 # ------------------------------------------------------------- resuming
 
 
