@@ -221,6 +221,8 @@ class SparsityScheduler(keras.callbacks.Callback):
             self._start()
         self._epoch_start, self._batches_begun = self.step, 0
         self._eager_steps = _steps_run_as_python(self.model)
+        # Read now: on JAX, reading `self.model` in a batch hook syncs every variable.
+        self._steps_per_call = self.model.steps_per_execution
         if not self.frozen:
             for mask in self._masks:
                 mask.driver = self
@@ -235,7 +237,7 @@ class SparsityScheduler(keras.callbacks.Callback):
     # The step count is kept from the batches begun instead.
     def on_train_batch_begin(self, batch, logs=None):
         self.step = self._epoch_start + int(batch)
-        self._batches_begun = int(batch) + self.model.steps_per_execution
+        self._batches_begun = int(batch) + self._steps_per_call
         if not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0:
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
             with _host_reads():

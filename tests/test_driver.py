@@ -104,6 +104,25 @@ def test_jax_steps_move_nothing_from_the_device_to_the_host():
     assert total_active(m) == round(0.3 * total_size(m))
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's trainer keeps the variables in its state")
+def test_jax_steps_leave_the_train_state_on_the_device():
+    # A callback that reads `self.model` in a batch hook makes JAX's trainer copy
+    # its whole state back into the variables at every step.
+    m = compiled(model())
+    syncs, inside = [], {"on": False}
+    original = m.jax_state_sync
+    m.jax_state_sync = lambda: (inside["on"] and syncs.append(1), original())[1]
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=10 * STEPS_PER_EPOCH))
+    window = [
+        _StepWindow(lambda: inside.update(on=True), None),
+        scheduler,
+        _StepWindow(None, lambda: inside.update(on=False)),
+    ]
+    x, y = data()
+    m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=window)
+    assert syncs == [], f"{len(syncs)} state syncs in {2 * STEPS_PER_EPOCH} steps"
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="counts PyTorch's host reads")
 def test_torch_steps_read_nothing_back_to_the_host(monkeypatch):
     import torch
