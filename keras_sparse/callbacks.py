@@ -109,8 +109,11 @@ class SparsityScheduler(keras.callbacks.Callback):
         min_penalty: Lower bound of the penalty strength. Defaults to
             `1e-6`.
         max_penalty: Upper bound of the penalty strength. Defaults to `1e3`.
-        update_every: Steps between two updates of the strength. Defaults
-            to 1 (it costs a few scalar operations per step).
+        update_every: Steps between two updates of the feedback (the
+            hard density measured, the temperature, the penalty strength);
+            the steps between only count. Defaults to 10: an update costs
+            a pass over each kernel and some scalar operations, which an
+            eager PyTorch step pays in Python.
         layers: The sparse layers to drive; defaults to every sparse layer
             of the model.
         resume: Continue from the state saved in the masks (default); with
@@ -136,7 +139,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         initial_penalty=1e-3,
         min_penalty=1e-6,
         max_penalty=1e3,
-        update_every=1,
+        update_every=10,
         layers=None,
         resume=True,
     ):
@@ -353,40 +356,63 @@ class SparsityScheduler(keras.callbacks.Callback):
         updates (every `update_every` steps) it measures the mask's hard
         density, sets its temperature and, for the first mask of a group,
         updates the group's penalty strength and writes every member's
-        penalty; other steps keep them as they are.
+        penalty; other steps only count the step.
         """
-        state = mask.sparsity_state
+        group = self._group_of(mask)
+        members = group if group[0] is mask else []
         if self._eager_steps:
             # The step runs as Python: the host knows the step number, so a
             # step without an update costs nothing (the step count is
             # written to the masks at the epoch's end).
             if self.step % self.update_every:
                 return
-            step, due = ops.convert_to_tensor(float(self.step)), True
+            values = self._update(mask, kernel, ops.convert_to_tensor(float(self.step)), group)
+        elif self.update_every == 1:
+            values = self._update(mask, kernel, mask.state("step"), group)
         else:
-            # A compiled step holds one program for every step: it computes
-            # the update and keeps it on the steps that are due.
-            step = state[_STEP]
-            due = ops.equal(ops.mod(step, float(self.update_every)), 0.0)
+            # A compiled step holds one program for every step: the update
+            # runs on the due steps only (both branches return new values;
+            # variables are written outside the branch).
+            step = mask.state("step")
+            values = ops.cond(
+                ops.equal(ops.mod(step, float(self.update_every)), 0.0),
+                lambda: self._update(mask, kernel, step, group),
+                lambda: self._count_only(mask, members),
+            )
+        temperature, state, penalties = values
+        mask._temperature.assign(temperature)
+        mask.sparsity_state.assign(state)
+        for member, penalty in zip(members, penalties):
+            member.sparsity_penalty.assign(penalty)
+
+    def _count_only(self, mask, members):
+        """`_update`'s values on a step that is not due: the same, one step further."""
+        state = mask.sparsity_state.value
+        step = ops.concatenate([state[:1] + 1.0, state[1:]])
+        return mask._temperature.value, step, tuple(m.sparsity_penalty.value for m in members)
+
+    def _update(self, mask, kernel, step, group):
+        """`(temperature, state, penalties of the group's members)` after one update.
+
+        Only the group's first mask computes penalties (an empty tuple for the others).
+        """
+        state = mask.sparsity_state
         scale = state[_SCALE]
         density = ops.cast(ops.count_nonzero(mask.keep(kernel)), "float32") / float(mask.size)
         temperature = self._relative_schedule(mask)(step) / scale
-        log_penalty = state[_LOG_PENALTY]
-        group = self._group_of(mask)
+        log_penalty, penalties = state[_LOG_PENALTY], ()
         if group[0] is mask:
-            log_penalty = self._control(group, density, step, log_penalty, due)
-        if not self._eager_steps:
-            temperature = ops.where(due, temperature, mask._temperature.value)
-            density = ops.where(due, density, state[_DENSITY])
-        mask._temperature.assign(temperature)
-        state.assign(ops.stack([step + 1.0, log_penalty, density, scale, ops.zeros_like(step)]))
+            log_penalty, penalties = self._control(group, density, step, log_penalty)
+        new_state = ops.stack([step + 1.0, log_penalty, density, scale, ops.zeros_like(step)])
+        return temperature, new_state, penalties
 
     def _group_of(self, mask):
         if self.scope == "global":
             return self._masks
         return [mask]
 
-    def _control(self, group, leader_density, step, log_penalty, due):
+    def _control(self, group, leader_density, step, log_penalty):
+        """`(log_penalty, penalties)`: the feedback's new strength and each member's penalty."""
         sizes = np.array([m.size for m in group], dtype="float64")
         densities = [leader_density] + [m.state("hard_density") for m in group[1:]]
         densities = ops.stack(densities)
@@ -401,7 +427,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         # Pruning is hard to undo, so an overshoot only slowly relaxes the
         # penalty (no wind-down to nothing while the schedule catches up).
         rate = ops.where(error > 0, self.gain / ramp, self.gain / ramp * self.relax)
-        updating = ops.logical_and(ops.logical_and(target > 0, ops.isfinite(error)), due)
+        updating = ops.logical_and(target > 0, ops.isfinite(error))
         moved = ops.clip(
             log_penalty + rate * error * float(self.update_every),
             math.log(self.min_penalty),
@@ -415,11 +441,10 @@ class SparsityScheduler(keras.callbacks.Callback):
         pushing = ops.logical_and(target > 0, error > 0)
         strength = ops.where(pushing, ops.exp(log_penalty), 0.0)
         shares = sizes / sizes.sum() if self.scope == "global" else np.ones(len(group))
-        for i, (member, share) in enumerate(zip(group, shares)):
-            above_floor = ops.cast(densities[i] > self.min_density, "float32")
-            penalty = strength * float(share) * above_floor
-            member.sparsity_penalty.assign(ops.where(due, penalty, member.sparsity_penalty.value))
-        return log_penalty
+        # A mask at its floor gets no penalty.
+        above_floor = ops.cast(densities > self.min_density, "float32")
+        penalties = strength * ops.convert_to_tensor(shares.astype("float32")) * above_floor
+        return log_penalty, tuple(penalties[i] for i in range(len(group)))
 
     # --------------------------------------------------------------- freeze
 
