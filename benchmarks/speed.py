@@ -35,7 +35,9 @@ with several backends, one subprocess per backend, and their JSON is merged.
 The results go to `benchmarks/results/speed.json` and the Markdown table to
 stdout and `benchmarks/results/speed.md`. On a machine shared with other work,
 `--threads 1` gives stable ratios (a multi-threaded op waits for its slowest
-thread at every barrier). `--quick` takes a few minutes: sizes 256 and 1024,
+thread at every barrier): it pins each backend's process to one core
+(`--core`; affinity, as jaxlib ignores its thread flags) and the table gives
+each process's cpu/wall, near 1.0 when the pin held and the core was free. `--quick` takes a few minutes: sizes 256 and 1024,
 batches 1 and 256, 7 rounds.
 """
 
@@ -59,7 +61,7 @@ RESULTS = os.path.join(HERE, "results")
 BACKENDS = ("tensorflow", "jax", "torch")
 MODES = ("structured", "unstructured")
 LR = 1e-3
-# The goals of issue 5 (CPU, batch 256, size 1024, compiled).
+# The speed goals (CPU, batch 256, size 1024, compiled).
 GOALS = {
     "train": {"structured": 1.10, "unstructured": 1.20},
     "infer_after": 1.03,
@@ -496,9 +498,14 @@ def apply_threads(backend, threads):
 def run_backend(args):
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.threads == 1:
+        # jaxlib ignores its thread flags here: only the affinity holds a
+        # process to one core. cpu/wall, recorded below, checks the pin held.
+        os.sched_setaffinity(0, {args.core})
     if args.threads:
         limit_threads(args.threads)
         apply_threads(args.backend, args.threads)
+    start = time.perf_counter(), time.process_time()
     if importlib.util.find_spec("keras_sparse") is None:
         sys.path.insert(0, ROOT)
     import keras
@@ -584,6 +591,9 @@ def run_backend(args):
                     row.update(ratios)
                     out["infer"].append(row)
                     log(f"infer {stage} {variant} size={size} batch={batch}: {fmt_row(row)}")
+    wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+    out["cpu_per_wall"] = cpu / wall
+    out["core"] = args.core if args.threads == 1 else None
     return out
 
 
@@ -629,6 +639,11 @@ def markdown(results):
         f"{', quick run' if meta['quick'] else ''}"
         + (f", load average {load[0]:.1f} at start" if load else "")
         + f", intra-op threads: {meta.get('threads', 'backend default')}"
+        + "".join(
+            f"; {b} pinned to core {r['core']}, cpu/wall {r['cpu_per_wall']:.2f}"
+            for b, r in results["backends"].items()
+            if r.get("core") is not None
+        )
         + f"; {meta['rounds']} interleaved rounds, median of the per-round ratios "
         "`layer / Dense` (1.00x = as fast as Dense). Devices: "
         + ", ".join(f"{b}: {r['device']}" for b, r in results["backends"].items())
@@ -704,7 +719,7 @@ def markdown(results):
             )
     lines += [
         "",
-        "**Goals of issue 5** (size 1024, batch 256, compiled: `jit`, or `torch.compile` on "
+        "**Speed goals** (size 1024, batch 256, compiled: `jit`, or `torch.compile` on "
         "PyTorch; inference after `hard_prune()`: every batch size):",
         "",
     ]
@@ -780,6 +795,9 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="intra-op threads per backend (default: the backend's own choice)",
+    )
+    parser.add_argument(
+        "--core", type=int, default=1, help="the core that --threads 1 pins each backend to"
     )
     parser.add_argument("--json", default=os.path.join(RESULTS, "speed.json"))
     parser.add_argument("--markdown", default=os.path.join(RESULTS, "speed.md"))
