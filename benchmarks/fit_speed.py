@@ -25,7 +25,7 @@ table's cpu/wall is near 1.0 when the pin holds and the core is not shared.
 
 The TFMOT peer (`prune_low_magnitude` with `UpdatePruningStep`, against
 tf-keras `Dense`) runs in its own environment: `--backend tfmot`, from the
-`tfmot` tox env (`tox -e tfmot -- benchmarks/fit_speed.py --backend tfmot`).
+`tfmot-speed` tox env (`tox -e tfmot-speed -- --model lenet`).
 """
 
 from __future__ import annotations
