@@ -208,8 +208,18 @@ def test_n_m_groups_of_a_convolution_run_along_its_input_channels(rng):
     )
 
 
-def test_the_freeze_keeps_a_convolutions_n_m_pattern_along_its_channels(rng):
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["fresh", "pruned_and_moved"])
+def test_the_freeze_keeps_a_convolutions_n_m_pattern_along_its_channels(rng, pruned_before):
     layer, kernel = n_m_conv(rng)
+    # 2 of every 4 channels is exactly half: the pattern itself.
+    expected = along_channels(top_n_per_group, kernel, 2, 4)
+    if pruned_before:
+        layer.reset_threshold(0.5)
+        layer.hard_prune()
+        expected = to_numpy(layer.prune_mask)
+        # An optimizer's momentum may move pruned weights again: they stay pruned, and
+        # count as zeros in their groups.
+        layer.kernel.assign(np.where(expected, to_numpy(layer.kernel), 10.0).astype("float32"))
     model = keras.Sequential([keras.Input((6, 8)), layer])
     model.compile(keras.optimizers.SGD(0.0), "mse")
     x = rng.normal(size=(8, 6, 8)).astype("float32")
@@ -219,8 +229,7 @@ def test_the_freeze_keeps_a_convolutions_n_m_pattern_along_its_channels(rng):
     assert scheduler.frozen
     frozen = to_numpy(layer.kernel)
     assert is_n_m_sparse(frozen, 2, 4, axis=-2)
-    # 2 of every 4 channels is exactly half: the pattern itself.
-    np.testing.assert_array_equal(frozen != 0, along_channels(top_n_per_group, kernel, 2, 4))
+    np.testing.assert_array_equal(frozen != 0, expected)
 
 
 def test_is_n_m_sparse_checks_groups_along_the_chosen_axis():

@@ -584,3 +584,51 @@ def test_a_non_finite_loss_or_weight_stops_training_and_says_so(rng):
         untrained(x)
     with pytest.raises(FloatingPointError, match=r"6 weights of 'wide' are NaN or infinite"):
         untrained(np.ones((4, 6), "float32"), infinite_weights=6)
+
+
+def test_the_global_freeze_compares_margins_in_units_of_each_masks_spread(rng):
+    # The wide layer's weights are four times as spread: its margins, in units of its own
+    # spread, compete with the narrow layer's on equal terms.
+    model = two_layer_model(rng)
+    wide, narrow = ks.sparse_layers(model)
+    wide.kernel.assign(4.0 * to_numpy(wide.kernel))
+    layers = (wide, narrow)
+    margins = [
+        (np.abs(to_numpy(layer.kernel)) - to_numpy(layer.threshold))
+        / np.std(to_numpy(layer.kernel))
+        for layer in layers
+    ]
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=1))
+    fit_without_learning(model, scheduler, steps=2)
+    keeps = reference.frozen_keep(margins, 0.5, 0.01)
+    for layer, keep in zip(layers, keeps):
+        np.testing.assert_array_equal(to_numpy(layer.prune_mask), keep)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_steps_are_counted_when_updates_skip_steps_or_steps_run_in_chunks(rng, steps_per_execution):
+    # Eager steps (one per call, PyTorch) update on due steps only and write the count at
+    # the epoch's end; chunks of steps run as one program, which counts on the device.
+    if steps_per_execution > 1 and keras.backend.backend() == "torch":
+        pytest.skip("Keras runs one step per call on PyTorch")
+    model = two_layer_model(rng)
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=steps_per_execution)
+    x, y = np.ones((16, 6), "float32"), np.zeros((16, 3), "float32")
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.5, begin_step=0, end_step=4), update_every=2, freeze_at_end=False
+    )
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[scheduler])
+    assert scheduler.step == 4
+    assert [mask_state(layer, "step") for layer in ks.sparse_layers(model)] == [4.0, 4.0]
+
+
+def test_frozen_masks_stop_counting_at_the_last_step_of_a_short_chunk(rng):
+    # Three steps in chunks of two: the second chunk holds one step.
+    if keras.backend.backend() == "torch":
+        pytest.skip("Keras runs one step per call on PyTorch")
+    model = two_layer_model(rng)
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=2)
+    x, y = np.ones((12, 6), "float32"), np.zeros((12, 3), "float32")
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=1))
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[scheduler])
+    assert scheduler.frozen and scheduler.step == 3

@@ -577,3 +577,17 @@ def test_layer_sparsity_as_dict():
         "density": 0.75,
     }
     assert LayerSparsity("empty", (0, 2), 0, 0).density == 0.0
+
+
+def test_layers_left_dense_under_one_name_are_told_apart_by_their_paths():
+    def block(name):
+        inputs = keras.Input((4, 5))
+        return keras.Model(inputs, keras.layers.PReLU(name="prelu")(inputs), name=name)
+
+    inputs = keras.Input((4, 5))
+    hidden = block("second")(block("first")(inputs))
+    outputs = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(hidden))
+    with pytest.warns(UserWarning, match="left 2 selected layer"):
+        model = sparsify(keras.Model(inputs, outputs, name="twice"))
+    dense = sparsity_report(model).dense
+    assert [(d.class_name, d.params) for d in dense] == [("PReLU", 20), ("PReLU", 20)]
