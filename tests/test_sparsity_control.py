@@ -474,7 +474,9 @@ def test_a_second_fit_resumes_the_step_the_penalty_and_the_weight_scale(rng):
     schedule = ks.PolynomialDecay(0.95, initial_sparsity=0.5, begin_step=100, end_step=400)
 
     def two_steps(resume=True):
-        scheduler = ks.SparsityScheduler(schedule, scope="per_layer", resume=resume)
+        # resume=True is the default.
+        options = {} if resume else {"resume": False}
+        scheduler = ks.SparsityScheduler(schedule, scope="per_layer", **options)
         with pytest.warns(UserWarning, match="before the schedule's end"):
             fit_without_learning(model, scheduler, steps=2)
         return scheduler
