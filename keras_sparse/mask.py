@@ -62,9 +62,9 @@ _REPLICATED = "only_first_replica"
 
 def check_temperature(value):
     """`value` as a positive finite float, or an error that names it."""
-    if isinstance(value, bool):
-        value = None  # refused below: a bool is not a temperature
     try:
+        if isinstance(value, bool):
+            raise TypeError  # a bool is not a temperature
         as_float = float(value)
     except (TypeError, ValueError):
         raise TypeError(

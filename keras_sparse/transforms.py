@@ -175,6 +175,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
             "on data or build it with `keras.Input` first."
         )
     target = model if inplace else copy_model(model)
+    # The model's parameters before conversion (the masks' own variables are not its).
+    total = sum(math.prod(v.shape) for v in target.weights)
     found = walk(target)
     parents = {id(layer): parent for layer, parent in found}
     layers = [layer for layer, _ in found]
@@ -193,15 +195,16 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
         convert.convert_layer(layer, options)
         convert.record_conversion(target, layer, parents, options)
     if refused:
-        _warn_left_dense(target, refused)
+        _warn_left_dense(target, refused, total)
     if inplace:
         # Compiled functions hold the stock layers' arithmetic.
         target.train_function = target.test_function = target.predict_function = None
     return target
 
 
-def _warn_left_dense(model, refused):
-    total = sum(math.prod(v.shape) for v in model.weights) or 1
+def _warn_left_dense(model, refused, total):
+    """Warn of the `(layer, why)` pairs left dense, each with its share of `total` parameters."""
+    total = total or 1
     names = display_names(model, [layer for layer, _ in refused])
     parts = [
         f"'{name}' ({why}; {sum(math.prod(v.shape) for v in weight_matrices(layer)) / total:.1%})"

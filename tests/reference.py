@@ -138,3 +138,35 @@ def frozen_keep(margins, target, min_density, per_layer=False):
             for j in np.argsort(-pool)[:rest]:
                 keeps[owner[j]][index[j]] = True
     return [k.reshape(np.shape(m)) for k, m in zip(keeps, margins)]
+
+
+def feedback_step(log_penalty, densities, sizes, target, scope="global", **options):
+    """One update of `SparsityScheduler`'s penalty for one group of masks, written out.
+
+    `densities` are the members' hard densities, `sizes` their weight counts. Returns the
+    group's new `log(penalty strength)` and each member's penalty. The law, from the
+    scheduler's documentation: the error is `log(measured / (1 - target))`, clipped to
+    `[-1, 1]`; `log(penalty)` moves by `gain / ramp` times it per step (`relax` times that
+    when the model is sparser than the target), within `[min_penalty, max_penalty]`; the
+    strength pushes only while the model is denser than a positive target, shared in
+    proportion to size (`"global"`), and never on a mask at or below `min_density`.
+    """
+    gain = options.get("gain", 200.0)
+    relax = options.get("relax", 0.1)
+    ramp = options.get("ramp", 200)
+    update_every = options.get("update_every", 1)
+    low = np.log(options.get("min_penalty", 1e-6))
+    high = np.log(options.get("max_penalty", 1e3))
+    min_density = options.get("min_density", 0.01)
+    densities, sizes = np.asarray(densities, float), np.asarray(sizes, float)
+    measured = float(np.sum(densities * sizes) / np.sum(sizes))
+    if target <= 0:
+        return log_penalty, np.zeros(len(sizes))
+    error = float(np.clip(np.log(max(measured, 1e-9) / (1.0 - target)), -1.0, 1.0))
+    rate = gain / ramp * (1.0 if error > 0 else relax)
+    log_penalty = float(np.clip(log_penalty + rate * error * update_every, low, high))
+    strength = np.exp(log_penalty) if error > 0 else 0.0
+    shares = sizes / sizes.sum() if scope == "global" else np.ones(len(sizes))
+    return log_penalty, np.array(
+        [strength * share * (d > min_density) for d, share in zip(densities, shares)]
+    )

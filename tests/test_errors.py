@@ -92,3 +92,21 @@ def test_factories_refuse_bad_sizes(in_features):
 def test_with_bias_needs_a_bool():
     with pytest.raises(TypeError, match=r"bias='yes'"):
         SparseLinear.with_bias(3, 2, "yes")
+
+
+@pytest.mark.parametrize(
+    "name, value", [("structured", "no"), ("straight_through", 1), ("structured", None)]
+)
+def test_bool_options_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=rf"`{name}`, expected a bool\. Received: {name}={value!r}"):
+        SparseLinear(4, **{name: value})
+
+
+def test_a_bool_is_not_a_temperature():
+    with pytest.raises(TypeError, match=r"temperature=True"):
+        SparseLinear(4, temperature=True)
+
+
+def test_head_granularity_points_to_the_attention_layer():
+    with pytest.raises(ValueError, match=r"SparseMultiHeadAttention.*granularity='head'"):
+        SparseLinear(4, granularity="head")

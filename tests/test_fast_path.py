@@ -11,6 +11,8 @@ Expected outputs are computed in NumPy from the raw variables (kernel,
 threshold, `prune_mask`), never from the layer's own helpers.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -250,6 +252,17 @@ def test_training_after_a_plain_inference_warns(rng):
     )
 
 
+def test_training_after_hard_prune_alone_does_not_warn(rng):
+    # No inference ran on the plain path: no compiled function can hold it.
+    layer = pruned_layer(rng)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x, training=True)
+    assert not [w for w in caught if "hard_prune" in str(w.message)]
+    assert not layer.masks["kernel"]._plain_inference
+
+
 # ----------------------------------------------------------- precision, jit
 
 
@@ -271,6 +284,28 @@ def test_pruned_inference_under_mixed_precision(rng, policy):
     )
     trained = to_numpy(ops.cast(layer(x, training=True), "float32"))
     assert np.all(np.isfinite(trained))
+
+
+def test_mixed_precision_reads_the_mask_variables_in_float32():
+    # Under mixed_bfloat16 only the masked kernel is cast for the matmul: the threshold,
+    # temperature and penalty are read as float32, so the layer serves what num_active()
+    # counts and its penalty is the float32 formula.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = SparseLinear(2, use_bias=False, temperature=10.0 / 3.0)
+    layer.build((None, 2))
+    kernel = np.array([[0.30078125, 1.0], [0.5, -2.0]], "float32")  # exact in bfloat16
+    threshold = np.array([0.3009, 0.1], "float32")  # 0.3009 is 0.30078125 in bfloat16
+    layer.kernel.assign(kernel)
+    layer.reset_threshold(threshold)
+    assert layer.num_active() == 3
+    x = np.eye(2, dtype="float32")
+    out = to_numpy(ops.cast(layer(x), "float32"))
+    np.testing.assert_array_equal(out, np.array([[0.0, 1.0], [0.5, -2.0]], "float32"))
+    layer.sparsity_penalty.assign(1.0 / 3.0)
+    layer(x, training=True)
+    soft = reference.soft_mask(kernel.astype("float64"), threshold, np.float32(10.0 / 3.0))
+    expected = np.float32(1.0 / 3.0) * soft.mean()
+    assert float(to_numpy(sum(layer.losses))) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="jax.transfer_guard is JAX's")

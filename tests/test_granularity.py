@@ -167,6 +167,71 @@ def test_n_m_soft_mask_splits_each_group_at_its_boundary(rng, x):
     )
 
 
+def along_channels(function, kernel, *args):
+    """`function`, written for `(rows, columns)` with groups down the rows, applied to a
+    convolution kernel `(k, channels, filters)`: groups along the input channels."""
+    moved = np.moveaxis(kernel, 1, 0)
+    out = function(moved.reshape(moved.shape[0], -1), *args)
+    return np.moveaxis(np.reshape(out, moved.shape), 0, 1)
+
+
+def n_m_conv(rng):
+    layer = ks.SparseConv1D(3, 2, granularity="n:m", temperature=5.0)
+    layer.build((None, 6, 8))
+    kernel = rng.normal(size=(2, 8, 3)).astype("float32")
+    layer.kernel.assign(kernel)
+    layer.bias.assign(np.zeros(3, "float32"))
+    return layer, kernel
+
+
+def test_n_m_groups_of_a_convolution_run_along_its_input_channels(rng):
+    layer, kernel = n_m_conv(rng)
+    keep = along_channels(top_n_per_group, kernel, 2, 4)
+    assert layer.num_active() == keep.sum() == 24
+    np.testing.assert_array_equal(to_numpy(layer.effective_weight()), np.where(keep, kernel, 0))
+    x = rng.normal(size=(2, 6, 8)).astype("float32")
+    cut = along_channels(n_m_boundary, kernel, 2, 4)
+    soft = reference.sigmoid((np.abs(kernel) - cut) * 5.0)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)), reference.conv(x, kernel * soft), rtol=1e-5, atol=1e-5
+    )
+    # After hard_prune(), the pruned weights count as zeros in their groups' boundary.
+    layer.reset_threshold(0.5)
+    layer.hard_prune()
+    pruned = to_numpy(layer.kernel)
+    alive = to_numpy(layer.prune_mask)
+    np.testing.assert_array_equal(alive, keep & (np.abs(kernel) >= 0.5))
+    cut = along_channels(n_m_boundary, pruned, 2, 4)
+    soft = reference.sigmoid((np.abs(pruned) - cut) * 5.0) * alive
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)), reference.conv(x, pruned * soft), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("pruned_before", [False, True], ids=["fresh", "pruned_and_moved"])
+def test_the_freeze_keeps_a_convolutions_n_m_pattern_along_its_channels(rng, pruned_before):
+    layer, kernel = n_m_conv(rng)
+    # 2 of every 4 channels is exactly half: the pattern itself.
+    expected = along_channels(top_n_per_group, kernel, 2, 4)
+    if pruned_before:
+        layer.reset_threshold(0.5)
+        layer.hard_prune()
+        expected = to_numpy(layer.prune_mask)
+        # An optimizer's momentum may move pruned weights again: they stay pruned, and
+        # count as zeros in their groups.
+        layer.kernel.assign(np.where(expected, to_numpy(layer.kernel), 10.0).astype("float32"))
+    model = keras.Sequential([keras.Input((6, 8)), layer])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = rng.normal(size=(8, 6, 8)).astype("float32")
+    y = np.zeros((8, 5, 3), "float32")
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=1))
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[scheduler])
+    assert scheduler.frozen
+    frozen = to_numpy(layer.kernel)
+    assert is_n_m_sparse(frozen, 2, 4, axis=-2)
+    np.testing.assert_array_equal(frozen != 0, expected)
+
+
 def test_is_n_m_sparse_checks_groups_along_the_chosen_axis():
     kernel = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1]], "float32")
     assert is_n_m_sparse(kernel, 2, 4)

@@ -202,6 +202,86 @@ def test_weights_have_keras_layout_and_float32(structured, threshold_shape):
     assert layer.count_params() == 24 + 4 + n_threshold + 24 + 1 + 1 + 5
 
 
+MASK_VARIABLES = ("threshold", "prune_mask", "temperature", "sparsity_penalty", "sparsity_state")
+
+
+def test_mask_variables_keep_their_names_dtypes_and_roles():
+    # Names are the variables' paths (checkpoints, TensorBoard, `layer.weights`); the mask
+    # state is float32 (bool for `prune_mask`) under any dtype policy, and only the
+    # threshold trains.
+    layer = SparseLinear(4, dtype="bfloat16")
+    layer.build((None, 6))
+    mask = layer.masks["kernel"]
+    assert [v.path.split("/")[-1] for v in mask.variables] == list(MASK_VARIABLES)
+    assert [w.path.split("/")[-1] for w in layer.trainable_weights] == [
+        "kernel",
+        "bias",
+        "threshold",
+    ]
+    assert [v.dtype for v in mask.variables] == ["float32", "bool", "float32", "float32", "float32"]
+    assert [v.trainable for v in mask.variables] == [True, False, False, False, False]
+    assert [tuple(v.shape) for v in mask.variables] == [(4,), (6, 4), (), (), (5,)]
+    # Replicas compute the same scalars: tf.distribute keeps the first replica's.
+    for variable in mask.variables[2:]:
+        assert variable.aggregation == "only_first_replica"
+    # A fresh mask pushes nothing: penalty and driver state are zeros, prune_mask all True.
+    assert float(to_numpy(layer.sparsity_penalty)) == 0.0
+    np.testing.assert_array_equal(to_numpy(mask.sparsity_state), np.zeros(5))
+    assert to_numpy(layer.prune_mask).all()
+
+
+def test_a_layer_with_two_pruned_kernels_prefixes_its_mask_variables():
+    from keras_sparse import SparseSeparableConv1D
+
+    layer = SparseSeparableConv1D(4, 3, depth_multiplier=2)
+    layer.build((None, 10, 5))
+    for kernel_name, prefix in (
+        ("depthwise_kernel", "depthwise_"),
+        ("pointwise_kernel", "pointwise_"),
+    ):
+        names = [v.path.split("/")[-1] for v in layer.masks[kernel_name].variables]
+        assert names == [prefix + name for name in MASK_VARIABLES]
+    # One threshold per depthwise output (channel x multiplier), one per filter.
+    assert layer.masks["depthwise_kernel"].threshold.shape == (5, 2)
+    assert layer.masks["pointwise_kernel"].threshold.shape == (4,)
+
+
+def test_threshold_regularizer_and_constraint_apply_and_survive_the_config(rng):
+    layer = SparseLinear(3, threshold_regularizer=keras.regularizers.L2(0.5))
+    layer.build((None, 4))
+    layer.threshold.assign(np.array([0.2, 0.0, 0.6], "float32"))
+    layer(rng.normal(size=(2, 4)).astype("float32"))
+    # The penalty on the thresholds: 0.5 * sum(t ** 2), among the layer's losses.
+    assert float(to_numpy(sum(layer.losses))) == pytest.approx(0.5 * (0.04 + 0.36), rel=1e-6)
+    # The default constraint keeps thresholds non-negative after an optimizer step.
+    gradient = keras.ops.convert_to_tensor(np.array([1.0, 1.0, -1.0], "float32"))
+    keras.optimizers.SGD(1.0).apply([gradient], [layer.threshold])
+    np.testing.assert_allclose(to_numpy(layer.threshold), [0.0, 0.0, 1.6], rtol=1e-6)
+    config = layer.get_config()
+    assert config["threshold_regularizer"]["config"]["l2"] == pytest.approx(0.5)
+    assert config["threshold_constraint"]["class_name"] == "NonNeg"
+    copy = SparseLinear.from_config(config)
+    assert isinstance(copy.mask_options.threshold_regularizer, keras.regularizers.L2)
+    assert isinstance(copy.mask_options.threshold_constraint, keras.constraints.NonNeg)
+
+
+def test_options_are_stored_as_python_values():
+    # NumPy scalars are accepted and stored as Python values: the config is plain JSON.
+    import json
+
+    layer = SparseLinear(
+        3,
+        structured=np.bool_(True),
+        straight_through=np.bool_(False),
+        temperature=np.float32(2.5),
+    )
+    config = layer.get_config()
+    assert type(config["structured"]) is bool and config["structured"] is True
+    assert type(config["straight_through"]) is bool and config["straight_through"] is False
+    assert type(config["temperature"]) is float and config["temperature"] == 2.5
+    json.dumps(config)
+
+
 def test_factories_return_built_layers():
     layer = SparseLinear.new(784, 256)
     assert layer.built and layer.in_features == 784 and layer.out_features == 256
@@ -219,6 +299,47 @@ def test_default_temperature_is_relative_to_the_kernel_spread():
     assert math.isclose(layer.temperature, DEFAULT_RELATIVE_TEMPERATURE / std, rel_tol=1e-4)
     small = SparseLinear.new(64, 10)
     assert small.temperature < layer.temperature  # wider weights, softer absolute slope
+
+
+@pytest.mark.parametrize(
+    "shape, fans",
+    [
+        ((), (1, 1)),
+        ((5,), (5, 5)),
+        ((3, 4), (3, 4)),
+        ((3, 4, 8), (12, 24)),
+        ((3, 3, 4, 8), (36, 72)),
+    ],
+)
+def test_compute_fans_counts_as_keras_initializers_do(shape, fans):
+    from keras_sparse.mask import compute_fans
+
+    # A conv kernel (*window, in, out): each input and output is repeated over the window.
+    assert compute_fans(shape) == fans
+
+
+@pytest.mark.parametrize(
+    "initializer, shape, std",
+    [
+        (keras.initializers.GlorotUniform(), (20, 30), math.sqrt(2.0 / 50.0)),
+        (keras.initializers.GlorotUniform(), (1, 1), 1.0),  # fan of one: variance `scale`
+        (keras.initializers.HeNormal(), (20, 30), math.sqrt(2.0 / 20.0)),
+        (keras.initializers.VarianceScaling(3.0, "fan_out"), (20, 30), math.sqrt(3.0 / 30.0)),
+        (keras.initializers.LecunNormal(), (3, 3, 4, 8), math.sqrt(1.0 / 36.0)),
+    ],
+)
+def test_the_spread_an_initializer_promises_is_read_without_drawing(initializer, shape, std):
+    # Used for the default temperature of a kernel built inside a traced function.
+    from keras_sparse.mask import _initializer_std
+
+    assert _initializer_std(initializer, shape) == pytest.approx(std, rel=1e-12)
+
+
+def test_the_spread_of_another_initializer_is_measured_on_a_draw():
+    from keras_sparse.mask import _initializer_std
+
+    spread = _initializer_std(keras.initializers.RandomNormal(stddev=0.5), (200, 300))
+    assert spread == pytest.approx(0.5, rel=0.02)
 
 
 def test_temperature_property_sets_the_variable():
@@ -304,6 +425,21 @@ def test_reset_threshold_accepts_scalars_and_arrays():
     np.testing.assert_array_equal(to_numpy(layer.threshold), np.full(3, 0.25, "float32"))
     layer.reset_threshold([0.0, 0.1, 0.2])
     np.testing.assert_allclose(to_numpy(layer.threshold), [0.0, 0.1, 0.2])
+
+
+def test_a_masks_own_density_and_reset_threshold(rng):
+    layer = make_layer(rng)  # a 6 x 4 kernel
+    mask = layer.masks["kernel"]
+    kernel = to_numpy(layer.kernel)
+    mask.reset_threshold(0.5)
+    np.testing.assert_array_equal(to_numpy(layer.threshold), np.full(4, 0.5, "float32"))
+    assert mask.density() == pytest.approx(np.mean(np.abs(kernel) >= 0.5))
+    layer.hard_prune()  # inference may now skip the mask ...
+    mask.reset_threshold(1.0)  # ... until the threshold changes
+    x = np.eye(6, dtype="float32")
+    pruned = to_numpy(layer.kernel)
+    expected = x @ (pruned * (np.abs(pruned) >= 1.0)) + to_numpy(layer.bias)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_trainable_false_freezes_every_weight():

@@ -2,6 +2,7 @@
 
 import csv
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -75,6 +76,21 @@ def test_scheduler_refuses_bad_arguments():
         ks.SparsityScheduler(0.5, min_density=1.0)
     with pytest.raises(ValueError, match=r"update_every=0"):
         ks.SparsityScheduler(0.5, update_every=0)
+    with pytest.raises(ValueError, match=r"update_every=2.5"):
+        ks.SparsityScheduler(0.5, update_every=2.5)
+    with pytest.raises(ValueError, match=r"min_penalty=0.0, initial_penalty"):
+        ks.SparsityScheduler(0.5, min_penalty=0.0)
+    with pytest.raises(ValueError, match=r"initial_penalty=1e-07"):
+        ks.SparsityScheduler(0.5, initial_penalty=1e-7)
+    with pytest.raises(ValueError, match=r"max_penalty=0.0001"):
+        ks.SparsityScheduler(0.5, max_penalty=1e-4)
+    with pytest.raises(TypeError, match=r"`freeze_at_end`, expected a bool. .*freeze_at_end=1"):
+        ks.SparsityScheduler(0.5, freeze_at_end=1)
+    with pytest.raises(TypeError, match=r"`resume`, expected a bool. .*resume='yes'"):
+        ks.SparsityScheduler(0.5, resume="yes")
+    # The bounds themselves are allowed: no floor, and a penalty that starts at a bound.
+    ks.SparsityScheduler(0.5, min_density=0.0)
+    ks.SparsityScheduler(0.5, min_penalty=1e-3, initial_penalty=1e-3, max_penalty=1e-3)
 
 
 def test_scheduler_refuses_a_model_without_sparse_layers():
@@ -202,13 +218,15 @@ def two_layer_model(rng, narrow_threshold=(0.0, 0.5)):
     return model
 
 
-def fit_without_learning(model, scheduler, steps):
+def fit_without_learning(model, scheduler, steps, callbacks=()):
     """`steps` driven steps that move no weight (learning rate 0)."""
     model.compile(keras.optimizers.SGD(0.0), "mse")
     rng = np.random.default_rng(1)
     x = rng.normal(size=(4 * steps, 6)).astype("float32")
     y = rng.normal(size=(4 * steps, 3)).astype("float32")
-    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[scheduler])
+    return model.fit(
+        x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[scheduler, *callbacks]
+    )
 
 
 @pytest.mark.parametrize(
@@ -220,6 +238,8 @@ def fit_without_learning(model, scheduler, steps):
         ("per_layer", 0.75, 0.1, (12, 6)),
         # A floor above the target: ceil(0.25 * size) weights each.
         ("per_layer", 0.9, 0.25, (12, 6)),
+        # One weight above the wide layer's floor: round(0.04 * 48) = 2, of which 1 floor.
+        ("per_layer", 0.96, 0.01, (2, 1)),
     ],
 )
 def test_the_freeze_keeps_exactly_the_target_ranked_by_margin(
@@ -243,6 +263,10 @@ def test_the_freeze_keeps_exactly_the_target_ranked_by_margin(
         np.testing.assert_array_equal(to_numpy(layer.kernel), np.where(keep, kernel, 0.0))
         np.testing.assert_array_equal(to_numpy(layer.threshold), 0.0)
         assert layer.num_active() == int(keep.sum())
+    # Frozen: no penalty, the masks fixed for the rest of training.
+    for mask in ks.kernel_masks(model):
+        assert mask.frozen and mask.driver is None
+        assert float(to_numpy(mask.sparsity_penalty)) == 0.0
 
 
 def test_a_mask_at_its_floor_gets_no_penalty(rng):
@@ -306,3 +330,317 @@ def test_scheduler_anneals_the_temperature_relative_to_weight_scale():
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[scheduler])
     # Updates run every 10 steps (the default): the last of 16 steps was at step 10.
     assert hidden.temperature == pytest.approx(temperature(10) / std, rel=1e-4)
+
+
+# ---------------------------------------------- the feedback law, step by step
+
+
+def keep_largest(layer, count):
+    """One threshold for the whole kernel that keeps exactly its `count` largest weights."""
+    magnitude = np.sort(np.abs(to_numpy(layer.kernel)), axis=None)[::-1]
+    if count == magnitude.size:
+        threshold = 0.0
+    else:
+        threshold = (magnitude[count - 1] + magnitude[count]) / 2
+    layer.reset_threshold(float(threshold))
+    assert layer.num_active() == count
+
+
+def mask_state(layer, field):
+    return float(to_numpy(layer.masks["kernel"].state(field)))
+
+
+@pytest.mark.parametrize(
+    "target, keep, options",
+    [
+        # wide: far sparser than the target (its error is clipped to -1); narrow: denser
+        (0.5, (4, 24), {}),
+        # wide: exactly at the target, so no force; narrow: pushed, every second step
+        (0.5, (24, 24), {"update_every": 2}),
+        # narrow: at its floor, so no penalty, though denser than the target
+        (0.9, (48, 6), {"min_density": 0.25}),
+        # penalties starting at the default bounds stay within them
+        (0.5, (48, 12), {"initial_penalty": 1e3}),
+        (0.5, (12, 12), {"initial_penalty": 1e-6}),
+        # no target yet: nothing moves
+        (0.0, (20, 12), {}),
+    ],
+    ids=["apart", "at_target", "at_floor", "at_max", "at_min", "no_target"],
+)
+def test_one_step_per_layer_follows_the_feedback_law(rng, target, keep, options):
+    model = two_layer_model(rng)
+    layers = ks.sparse_layers(model)
+    for layer, count in zip(layers, keep):
+        keep_largest(layer, count)
+    # The target before `begin_step` is `initial_sparsity`; the ramp is 300 steps.
+    schedule = ks.PolynomialDecay(0.95, initial_sparsity=target, begin_step=100, end_step=400)
+    scheduler = ks.SparsityScheduler(schedule, scope="per_layer", **{"update_every": 1, **options})
+    with pytest.warns(UserWarning, match="before the schedule's end"):
+        fit_without_learning(model, scheduler, steps=1)
+    start = math.log(options.get("initial_penalty", 1e-3))
+    law = {k: v for k, v in options.items() if k != "initial_penalty"}
+    for layer, count in zip(layers, keep):
+        size = int(np.prod(layer.kernel.shape))
+        log_penalty, (penalty,) = reference.feedback_step(
+            start, [count / size], [size], target, "per_layer", ramp=300, **law
+        )
+        assert mask_state(layer, "log_penalty") == pytest.approx(log_penalty, rel=1e-6), layer.name
+        assert float(to_numpy(layer.sparsity_penalty)) == pytest.approx(penalty, rel=1e-5)
+        assert mask_state(layer, "hard_density") == pytest.approx(count / size)
+
+
+@pytest.mark.parametrize("keep", [(40, 20), (20, 10)], ids=["denser", "sparser"])
+def test_a_global_step_shares_the_penalty_by_size_and_logs_what_it_measured(rng, keep):
+    model = two_layer_model(rng)
+    layers = ks.sparse_layers(model)
+    for layer, count in zip(layers, keep):
+        keep_largest(layer, count)
+    # Step 0 has no target (nothing moves, every mask measures); step 1 follows the law on
+    # the density of the whole model, 48 + 24 weights.
+    scheduler = ks.SparsityScheduler(
+        ks.ConstantSparsity(0.5, begin_step=1), freeze_at_end=False, update_every=1
+    )
+    history = fit_without_learning(model, scheduler, steps=2)
+    sizes = [48, 24]
+    densities = [count / size for count, size in zip(keep, sizes)]
+    log_penalty, expected = reference.feedback_step(math.log(1e-3), densities, sizes, 0.5)
+    assert mask_state(layers[0], "log_penalty") == pytest.approx(log_penalty, rel=1e-6)
+    for layer, penalty in zip(layers, expected):
+        assert float(to_numpy(layer.sparsity_penalty)) == pytest.approx(penalty, rel=1e-5)
+    # The epoch's logs, measured from the masks' variables in NumPy.
+    logs = {key: values[-1] for key, values in history.history.items()}
+    assert logs["sparsity"] == pytest.approx(1 - sum(keep) / 72)
+    assert logs["target_sparsity"] == pytest.approx(0.5)
+    # Relative temperature of the first mask (one threshold per unit): 5 at the ramp's
+    # start, step 1 here.
+    assert logs["relative_temperature"] == pytest.approx(5.0, rel=1e-5)
+    penalty_term = 0.0
+    for layer, structured in zip(layers, (True, False)):
+        kernel, threshold = to_numpy(layer.kernel), to_numpy(layer.threshold)
+        soft = reference.mask_of(kernel, threshold, layer.temperature, (1,), structured)
+        penalty_term += float(to_numpy(layer.sparsity_penalty)) * soft.mean()
+        assert logs[f"threshold_mean/{layer.name}"] == pytest.approx(threshold.mean(), rel=1e-6)
+        assert logs[f"density/{layer.name}"] == pytest.approx(layer.density())
+    assert logs["sparsity_loss"] == pytest.approx(penalty_term, rel=1e-5, abs=1e-12)
+
+
+class _Temperatures(keras.callbacks.Callback):
+    """Every mask's temperature after each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append([mask.temperature for mask in ks.kernel_masks(self.model)])
+
+
+def test_default_temperatures_rise_over_the_ramp_relative_to_the_alive_weights_spread(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            ks.SparseLinear(8, name="wide"),
+            ks.SparseLinear(4, structured=False, name="narrow"),
+            ks.SparseLinear(5, granularity="neuron", name="units"),
+            ks.SparseLinear(3, name="flat"),
+        ]
+    )
+    wide, narrow, units, flat = ks.sparse_layers(model)
+    for layer, scale in ((wide, 0.3), (narrow, 0.5), (units, 1.0)):
+        layer.kernel.assign(scale * rng.normal(size=layer.kernel.shape).astype("float32"))
+    flat.kernel.assign(np.full(flat.kernel.shape, 0.25, "float32"))  # no spread at all
+    wide.reset_threshold(0.2)
+    wide.hard_prune()  # the weight scale is the spread of what is left
+    alive = to_numpy(wide.prune_mask)
+    assert 0 < alive.mean() < 1
+    scales = [
+        np.std(to_numpy(wide.kernel)[alive]),
+        np.std(to_numpy(narrow.kernel)),
+        np.std(to_numpy(units.kernel)),
+        1.0,
+    ]
+    recorder = _Temperatures()
+    scheduler = ks.SparsityScheduler(
+        ks.ConstantSparsity(0.5, begin_step=1), freeze_at_end=False, update_every=1
+    )
+    fit_without_learning(model, scheduler, steps=3, callbacks=[recorder])
+    # The ramp runs from step 1 to step 2 (a constant target: one step long). One
+    # threshold per unit: 5 -> 200; per weight, or per neuron: 2 -> 5.
+    per_unit, per_weight = [5.0, 5.0, 200.0], [2.0, 2.0, 5.0]
+    relative = np.array([per_unit, per_weight, per_weight, per_unit]).T
+    np.testing.assert_allclose(recorder.seen, relative / np.array(scales), rtol=1e-5)
+    for mask, scale in zip(ks.kernel_masks(model), scales):
+        assert float(to_numpy(mask.state("weight_scale"))) == pytest.approx(scale, rel=1e-5)
+
+
+def test_a_second_fit_resumes_the_step_the_penalty_and_the_weight_scale(rng):
+    model = two_layer_model(rng)
+    layers = ks.sparse_layers(model)
+    for layer, count in zip(layers, (40, 20)):
+        layer.kernel.assign(0.5 * to_numpy(layer.kernel))
+        keep_largest(layer, count)
+    schedule = ks.PolynomialDecay(0.95, initial_sparsity=0.5, begin_step=100, end_step=400)
+
+    def two_steps(resume=True):
+        # resume=True is the default.
+        options = {} if resume else {"resume": False}
+        scheduler = ks.SparsityScheduler(
+            schedule, scope="per_layer", **{"update_every": 1, **options}
+        )
+        with pytest.warns(UserWarning, match="before the schedule's end"):
+            fit_without_learning(model, scheduler, steps=2)
+        return scheduler
+
+    def expected_log_penalty(densities, size):
+        log_penalty = math.log(1e-3)
+        for density in densities:
+            log_penalty, _ = reference.feedback_step(
+                log_penalty, [density], [size], 0.5, "per_layer", ramp=300
+            )
+        return log_penalty
+
+    two_steps()
+    first = [(np.std(to_numpy(layer.kernel)), layer.density()) for layer in layers]
+    # The weights shrink (as training may do) under the same thresholds: the density
+    # changes, the scale the temperatures are relative to does not.
+    for layer in layers:
+        layer.kernel.assign(0.5 * to_numpy(layer.kernel))
+    second = [layer.density() for layer in layers]
+    assert second != [density for _, density in first]
+    assert two_steps().step == 4
+    for layer, (scale, density), now in zip(layers, first, second):
+        size = int(np.prod(layer.kernel.shape))
+        assert mask_state(layer, "step") == 4
+        assert mask_state(layer, "weight_scale") == pytest.approx(scale, rel=1e-5)
+        want = expected_log_penalty([density, density, now, now], size)
+        assert mask_state(layer, "log_penalty") == pytest.approx(want, rel=1e-6)
+    # resume=False: the schedule, the penalty and the scale start again.
+    assert two_steps(resume=False).step == 2
+    for layer, now in zip(layers, second):
+        size = int(np.prod(layer.kernel.shape))
+        assert mask_state(layer, "step") == 2
+        scale = np.std(to_numpy(layer.kernel))
+        assert mask_state(layer, "weight_scale") == pytest.approx(scale, rel=1e-5)
+        want = expected_log_penalty([now, now], size)
+        assert mask_state(layer, "log_penalty") == pytest.approx(want, rel=1e-6)
+
+
+def test_the_layers_argument_drives_those_layers_only(rng):
+    model = two_layer_model(rng)
+    wide, narrow = ks.sparse_layers(model)
+    scheduler = ks.SparsityScheduler(ks.ConstantSparsity(0.9, begin_step=0), layers=[wide])
+    history = fit_without_learning(model, scheduler, steps=1)
+    assert float(to_numpy(wide.sparsity_penalty)) > 0
+    assert float(to_numpy(narrow.sparsity_penalty)) == 0.0
+    np.testing.assert_array_equal(to_numpy(narrow.masks["kernel"].sparsity_state), np.zeros(5))
+    assert "density/wide" in history.history and "density/narrow" not in history.history
+    # Training over, the masks are left without a driver.
+    assert wide.masks["kernel"].driver is None
+
+
+def test_each_kernel_of_a_layer_with_two_is_logged_under_its_own_name():
+    model = keras.Sequential(
+        [keras.Input((5, 6)), ks.SparseSeparableConv1D(3, 2, name="sep"), keras.layers.Flatten()]
+    )
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    scheduler = ks.SparsityScheduler(ks.ConstantSparsity(0.5, begin_step=0))
+    x, y = np.ones((4, 5, 6), "float32"), np.zeros((4, 12), "float32")
+    history = model.fit(x, y, batch_size=4, verbose=0, callbacks=[scheduler])
+    assert {"density/sep/depthwise_kernel", "density/sep/pointwise_kernel"} <= set(history.history)
+
+
+@pytest.mark.parametrize(
+    "schedule", [ks.PolynomialDecay(0.5, end_epoch=1), ks.PolynomialDecay(0.5, end_fraction=0.5)]
+)
+def test_schedules_in_epochs_or_fractions_end_at_the_step_they_name(rng, schedule):
+    # Two epochs of two steps: epoch 1, or half the run, ends at step 2, where the masks
+    # freeze (and stop counting).
+    model = two_layer_model(rng)
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = np.ones((8, 6), "float32"), np.zeros((8, 3), "float32")
+    scheduler = ks.SparsityScheduler(schedule)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[scheduler])
+    assert scheduler.frozen and scheduler.step == 4
+    assert [mask_state(layer, "step") for layer in ks.sparse_layers(model)] == [2.0, 2.0]
+
+
+def test_a_schedule_that_ends_with_training_does_not_warn(rng):
+    model = two_layer_model(rng)
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.5, begin_step=0, end_step=2), freeze_at_end=False
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_without_learning(model, scheduler, steps=2)
+    assert not [w for w in caught if "SparsityScheduler" in str(w.message)]
+    assert not scheduler.frozen
+
+
+def test_a_non_finite_loss_or_weight_stops_training_and_says_so(rng):
+    # Nothing trains (a NaN loss would make NaN gradients, and NaN weights): the scheduler
+    # alone sees the loss and the weights.
+    def untrained(x, infinite_weights=0):
+        model = two_layer_model(rng)
+        wide = ks.sparse_layers(model)[0]
+        kernel = to_numpy(wide.kernel)
+        kernel.flat[:infinite_weights] = np.inf
+        wide.kernel.assign(kernel)
+        model.trainable = False
+        model.compile("sgd", "mse")
+        scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=10))
+        model.fit(x, np.zeros((4, 3), "float32"), batch_size=4, verbose=0, callbacks=[scheduler])
+
+    x = np.ones((4, 6), "float32")
+    x[0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 1; no mask"):
+        untrained(x)
+    with pytest.raises(FloatingPointError, match=r"6 weights of 'wide' are NaN or infinite"):
+        untrained(np.ones((4, 6), "float32"), infinite_weights=6)
+
+
+def test_the_global_freeze_compares_margins_in_units_of_each_masks_spread(rng):
+    # The wide layer's weights are four times as spread: its margins, in units of its own
+    # spread, compete with the narrow layer's on equal terms.
+    model = two_layer_model(rng)
+    wide, narrow = ks.sparse_layers(model)
+    wide.kernel.assign(4.0 * to_numpy(wide.kernel))
+    layers = (wide, narrow)
+    margins = [
+        (np.abs(to_numpy(layer.kernel)) - to_numpy(layer.threshold))
+        / np.std(to_numpy(layer.kernel))
+        for layer in layers
+    ]
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=1))
+    fit_without_learning(model, scheduler, steps=2)
+    keeps = reference.frozen_keep(margins, 0.5, 0.01)
+    for layer, keep in zip(layers, keeps):
+        np.testing.assert_array_equal(to_numpy(layer.prune_mask), keep)
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_steps_are_counted_when_updates_skip_steps_or_steps_run_in_chunks(rng, steps_per_execution):
+    # Eager steps (one per call, PyTorch) update on due steps only and write the count at
+    # the epoch's end; chunks of steps run as one program, which counts on the device.
+    if steps_per_execution > 1 and keras.backend.backend() == "torch":
+        pytest.skip("Keras runs one step per call on PyTorch")
+    model = two_layer_model(rng)
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=steps_per_execution)
+    x, y = np.ones((16, 6), "float32"), np.zeros((16, 3), "float32")
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.5, begin_step=0, end_step=4), update_every=2, freeze_at_end=False
+    )
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[scheduler])
+    assert scheduler.step == 4
+    assert [mask_state(layer, "step") for layer in ks.sparse_layers(model)] == [4.0, 4.0]
+
+
+def test_frozen_masks_stop_counting_at_the_last_step_of_a_short_chunk(rng):
+    # Three steps in chunks of two: the second chunk holds one step.
+    if keras.backend.backend() == "torch":
+        pytest.skip("Keras runs one step per call on PyTorch")
+    model = two_layer_model(rng)
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=2)
+    x, y = np.ones((12, 6), "float32"), np.zeros((12, 3), "float32")
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=1))
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[scheduler])
+    assert scheduler.frozen and scheduler.step == 3

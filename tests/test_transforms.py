@@ -127,6 +127,113 @@ def test_sparsify_select_callable_is_a_predicate():
     assert [layer.name for layer in sparse_layers(model)] == ["hidden"]
 
 
+@pytest.mark.parametrize(
+    "select, converted",
+    [
+        (keras.layers.Dense, ["hidden", "logits"]),
+        ([keras.layers.Dense], ["hidden", "logits"]),
+        (["^hid", "^log"], ["hidden", "logits"]),
+        ([keras.layers.Conv2D, "^logits$"], ["logits"]),
+        ((keras.layers.Conv2D, "^hidden$"), ["hidden"]),
+    ],
+    ids=["class", "class_list", "regex_list", "class_or_regex", "tuple"],
+)
+def test_sparsify_select_takes_classes_and_lists_of_classes_and_regexes(select, converted):
+    model = sparsify(_dense_model(), select=select)
+    assert [layer.name for layer in sparse_layers(model)] == converted
+
+
+@pytest.mark.parametrize("select", [[], [1], ["^hid", 2.5], 3])
+def test_sparsify_refuses_a_select_of_another_kind(select):
+    with pytest.raises(TypeError, match=r"`select`.*Received: select="):
+        sparsify(_dense_model(), select=select)
+
+
+def test_sparsify_in_place_converts_the_model_itself_and_drops_its_compiled_steps(x):
+    dense = _dense_model()
+    dense.compile("sgd", "mse")
+    dense.fit(x, np.zeros((4, 3), "float32"), verbose=0)
+    assert dense.train_function is not None
+    result = sparsify(dense, inplace=True)
+    assert result is dense
+    assert [type(layer).__name__ for layer in dense.layers[1:]] == ["SparseLinear"] * 2
+    assert dense.train_function is None and dense.predict_function is None
+
+
+def test_sparsify_and_strip_return_models_that_are_not_compiled(x):
+    dense = _dense_model()
+    dense.compile("adam", "mse")
+    sparse = sparsify(dense)
+    assert not sparse.compiled and getattr(sparse, "optimizer", None) is None
+    sparse.compile("adam", "mse")
+    stripped = strip(sparse)
+    assert not stripped.compiled and getattr(stripped, "optimizer", None) is None
+
+
+def test_sparsify_and_strip_name_themselves_when_given_something_else():
+    with pytest.raises(TypeError, match=r"`sparsify\(\)` expects a Keras model.*model='x'"):
+        sparsify("x")
+    with pytest.raises(TypeError, match=r"`strip\(\)` expects a Keras model.*model='x'"):
+        strip("x")
+
+
+def test_sparsify_converts_n_m_and_neuron_masks():
+    for granularity in ("n:m", "neuron"):
+        model = sparsify(_dense_model(), granularity=granularity)
+        assert [layer.granularity for layer in sparse_layers(model)] == [granularity] * 2
+    assert [layer.n_m for layer in sparse_layers(sparsify(_dense_model(), granularity="n:m"))] == [
+        (2, 4)
+    ] * 2
+
+
+def test_layers_a_parent_rebuilds_stay_sparse_with_their_options_on_reload():
+    # MultiHeadAttention builds its projections in code: sparsify records the conversion
+    # (with its options) in the parent's config, and a reload converts them again.
+    inputs = keras.Input((5, 8))
+    attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+    model = keras.Model(inputs, attention(inputs, inputs))
+    sparse = sparsify(model, structured=False)
+    config = keras.saving.serialize_keras_object(sparse)
+    reloaded = keras.saving.deserialize_keras_object(config)
+    layers = sparse_layers(reloaded)
+    assert len(layers) == 4  # query, key, value, output
+    assert all(not layer.is_structured for layer in layers)
+
+
+def _left_dense_model():
+    """A PReLU (a 4 x 5 alpha, no sparse version) before a Dense of 20 x 3."""
+    inputs = keras.Input((4, 5))
+    hidden = keras.layers.PReLU(name="prelu")(inputs)
+    outputs = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(hidden))
+    return keras.Model(inputs, outputs, name="mixed")
+
+
+def test_sparsify_warns_of_layers_left_dense_with_their_share():
+    # 20 + 60 + 3 parameters: the PReLU's alpha is 20 / 83 of them.
+    with pytest.warns(UserWarning) as caught:
+        model = sparsify(_left_dense_model())
+    (message,) = [str(w.message) for w in caught if "sparsify()" in str(w.message)]
+    share = f"{20 / 83:.1%}"
+    assert message == (
+        "sparsify() left 1 selected layer(s) with weight matrices dense, "
+        f"{share} of the parameters of 'mixed': 'prelu' (PReLU has no sparse version; {share})"
+    )
+    assert [layer.name for layer in sparse_layers(model)] == ["fc"]
+
+
+def test_sparsify_says_why_a_quantized_layer_is_left_dense():
+    dense = _dense_model()
+    dense.quantize("int8", filters="^hidden$")
+    with pytest.warns(UserWarning, match=r"'hidden' \(quantized \(int8\);"):
+        model = sparsify(dense)
+    assert [layer.name for layer in sparse_layers(model)] == ["logits"]
+
+
+def test_sparsify_without_a_match_lists_the_convertible_layers():
+    with pytest.raises(ValueError, match=r"its convertible layers: \['hidden', 'logits'\]"):
+        sparsify(_dense_model(), select="conv")
+
+
 def test_sparsify_leaves_unselected_layers_weights_intact():
     dense = _dense_model()
     model = sparsify(dense, select="logits")
@@ -341,19 +448,146 @@ def test_sparsity_report_prints_an_aligned_table():
         "30",
         f"{np.count_nonzero(served[0]) / 30:.2%}",
     ]
-    assert lines[-1].split()[0] == "total"
+    assert lines[-1].split() == [
+        "total",
+        str(sum(np.count_nonzero(k) for k in served)),
+        "45",
+        f"{sum(np.count_nonzero(k) for k in served) / 45:.2%}",
+    ]
     # Right-aligned numbers end in the same column on every row.
     assert len({len(line) for line in lines if "%" in line} | {len(lines[0])}) == 1
+    # Names and shapes are left-aligned (each line starts with its name); each number
+    # ends under the end of its header; the rules are dashes under each column.
+    for line, name in zip(lines, ["layer", "", "hidden", "logits", "", "total"]):
+        if name:
+            assert line.startswith(name)
+    active_end = lines[0].index("active") + len("active")
+    for line, row in zip([lines[2], lines[3]], served):
+        assert line[:active_end].endswith(" " + str(np.count_nonzero(row)))
+    shape_start = lines[0].index("kernel shape")
+    assert lines[2][shape_start:].startswith("6 x 5") and lines[3][shape_start:].startswith("5 x 3")
+    widths = [len(cell) for cell in lines[1].split("  ")]
+    assert lines[1] == "  ".join("-" * w for w in widths) == lines[4]
+    assert len(lines[1]) == len(lines[0]) and len(widths) == 5
 
 
 def test_sparsity_report_markdown_has_a_row_per_layer_and_total():
     model, _ = _pruned_sparse_model()
     lines = sparsity_report(model).to_markdown().splitlines()
     assert lines[0] == "| layer | kernel shape | active | total | density |"
+    assert lines[1] == "|:--|:--|--:|--:|--:|"
     rows = [line.split("|")[1].strip() for line in lines[2:] if line.startswith("|")]
     assert rows == ["hidden", "logits", "**total**"]
+    table = [line for line in lines if line.startswith("|")]
+    # Five cells a row, the total's shape cell empty; a blank line before the coverage.
+    assert all(line.endswith(" |") and line.count("|") == 6 for line in table if line != lines[1])
+    assert lines[4].split("|")[2].strip() == ""
+    assert lines[len(table)] == "" and lines[len(table) + 1].startswith("masks cover 45 of 45")
 
 
 def test_sparsity_report_needs_a_sparse_layer():
     with pytest.raises(ValueError, match="no sparse layer"):
         sparsity_report(_dense_model())
+
+
+def test_sparsity_report_lists_what_is_left_dense_and_the_coverage():
+    with pytest.warns(UserWarning, match="left 1 selected layer"):
+        model = sparsify(_left_dense_model())
+    (fc,) = sparse_layers(model)
+    fc.reset_threshold(0.3)
+    active = int(np.count_nonzero(np.abs(to_numpy(fc.kernel)) >= 0.3))
+    report = sparsity_report(model)
+    assert [(r.name, r.shape, r.active, r.total) for r in report.rows] == [
+        ("fc", (20, 3), active, 60)
+    ]
+    assert [(d.name, d.class_name, d.params) for d in report.dense] == [("prelu", "PReLU", 20)]
+    assert report.dense_params == 20
+    assert report.coverage == pytest.approx(60 / 80)
+    assert report.model_density == pytest.approx((active + 20) / 80)
+    coverage = (
+        f"masks cover 60 of 80 weight-matrix values (75.00%); the model keeps "
+        f"{(active + 20) / 80:.2%} of them"
+    )
+    for text in (str(report), report.to_markdown()):
+        assert text.splitlines()[-2:] == [coverage, "left dense: prelu (PReLU, 25.00%)"]
+
+
+@pytest.mark.parametrize("count, more", [(10, ""), (11, " and 1 more"), (12, " and 2 more")])
+def test_sparsity_report_names_ten_dense_layers_and_counts_the_others(count, more):
+    from keras_sparse.transforms import DenseLayer, LayerSparsity, SparsityReport
+
+    dense = tuple(DenseLayer(f"d{i}", "Dense", 10) for i in range(count))
+    row = LayerSparsity("sparse", (10, 10), 50, 100)
+    report = SparsityReport((row,), LayerSparsity("total", None, 50, 100), dense)
+    whole = 100 + 10 * count
+    listed = ", ".join(f"d{i} (Dense, {10 / whole:.2%})" for i in range(10))
+    assert str(report).splitlines()[-1] == f"left dense: {listed}{more}"
+
+
+def test_sparsity_report_of_a_layer_counts_its_own_matrices_and_repeated_names():
+    class Block(keras.layers.Layer):
+        """A custom layer with a weight matrix of its own and two sparse sublayers."""
+
+        def __init__(self):
+            super().__init__(name="block")
+            self.mix = self.add_weight(shape=(4, 4), name="mix")
+            self.first = keras.Sequential([SparseLinear(4, name="proj")], name="first")
+            self.second = keras.Sequential([SparseLinear(4, name="proj")], name="second")
+
+        def call(self, inputs):
+            return self.second(self.first(inputs @ self.mix))
+
+    block = Block()
+    block(np.ones((1, 4), "float32"))
+    report = sparsity_report(block)
+    # Two layers named "proj": each is named by its path.
+    assert [(r.name, r.total) for r in report.rows] == [
+        ("first/proj", 16),
+        ("second/proj", 16),
+    ]
+    assert [(d.name, d.class_name, d.params) for d in report.dense] == [("block", "Block", 16)]
+
+
+def test_sparsity_report_rows_name_each_kernel_of_a_layer_with_two():
+    from keras_sparse import SparseSeparableConv1D
+
+    inputs = keras.Input((10, 3))
+    model = keras.Model(inputs, SparseSeparableConv1D(4, 3, name="sep")(inputs))
+    report = sparsity_report(model)
+    assert [(r.name, r.shape, r.total) for r in report.rows] == [
+        ("sep/depthwise_kernel", (3, 3, 1), 9),
+        ("sep/pointwise_kernel", (1, 3, 4), 12),
+    ]
+    assert report.total.total == 21
+
+
+def test_sparsity_report_of_an_unbuilt_layer_says_which_call_needs_it():
+    with pytest.raises(ValueError, match=r"`sparsity_report\(\)` needs the layer's weights"):
+        sparsity_report(SparseLinear(3, name="late"))
+
+
+def test_layer_sparsity_as_dict():
+    from keras_sparse.transforms import LayerSparsity
+
+    assert LayerSparsity("fc", (4, 2), 6, 8).as_dict() == {
+        "name": "fc",
+        "shape": (4, 2),
+        "active": 6,
+        "total": 8,
+        "density": 0.75,
+    }
+    assert LayerSparsity("empty", (0, 2), 0, 0).density == 0.0
+
+
+def test_layers_left_dense_under_one_name_are_told_apart_by_their_paths():
+    def block(name):
+        inputs = keras.Input((4, 5))
+        return keras.Model(inputs, keras.layers.PReLU(name="prelu")(inputs), name=name)
+
+    inputs = keras.Input((4, 5))
+    hidden = block("second")(block("first")(inputs))
+    outputs = keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(hidden))
+    with pytest.warns(UserWarning, match="left 2 selected layer"):
+        model = sparsify(keras.Model(inputs, outputs, name="twice"))
+    dense = sparsity_report(model).dense
+    assert [(d.class_name, d.params) for d in dense] == [("PReLU", 20), ("PReLU", 20)]
