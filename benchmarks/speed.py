@@ -37,8 +37,8 @@ stdout and `benchmarks/results/speed.md`. On a machine shared with other work,
 `--threads 1` gives stable ratios (a multi-threaded op waits for its slowest
 thread at every barrier): it pins each backend's process to one core
 (`--core`; affinity, as jaxlib ignores its thread flags) and the table gives
-each process's cpu/wall, near 1.0 when the pin held and the core was free. `--quick` takes a few minutes: sizes 256 and 1024,
-batches 1 and 256, 7 rounds.
+each process's cpu/wall, near 1.0 when the pin held and the core was free.
+`--quick` takes a few minutes: sizes 256 and 1024, batches 1 and 256, 7 rounds.
 """
 
 from __future__ import annotations

@@ -324,6 +324,8 @@ class SparsityScheduler(keras.callbacks.Callback):
                 state[_SCALE] = _alive_std(mask)
             if state[_STEP] == 0 and not self.frozen:
                 state[_LOG_PENALTY] = math.log(self.initial_penalty)
+                # The group's first step reads the other members' densities from here.
+                state[_DENSITY] = mask.num_active() / mask.size
             mask.sparsity_state.assign(state)
             mask.frozen = self.frozen
             if not self.frozen:

@@ -389,6 +389,23 @@ def test_one_step_per_layer_follows_the_feedback_law(rng, target, keep, options)
         assert mask_state(layer, "hard_density") == pytest.approx(count / size)
 
 
+def test_the_first_global_step_measures_every_member(rng):
+    # Step 0 already has a target: the first mask's update reads the second mask's
+    # density, measured when training starts.
+    model = two_layer_model(rng)
+    layers = ks.sparse_layers(model)
+    keep = (40, 20)
+    for layer, count in zip(layers, keep):
+        keep_largest(layer, count)
+    scheduler = ks.SparsityScheduler(
+        ks.ConstantSparsity(0.5, begin_step=0), freeze_at_end=False, update_every=1
+    )
+    fit_without_learning(model, scheduler, steps=1)
+    densities = [count / size for count, size in zip(keep, (48, 24))]
+    log_penalty, _ = reference.feedback_step(math.log(1e-3), densities, (48, 24), 0.5)
+    assert mask_state(layers[0], "log_penalty") == pytest.approx(log_penalty, rel=1e-6)
+
+
 @pytest.mark.parametrize("keep", [(40, 20), (20, 10)], ids=["denser", "sparser"])
 def test_a_global_step_shares_the_penalty_by_size_and_logs_what_it_measured(rng, keep):
     model = two_layer_model(rng)
