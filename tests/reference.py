@@ -140,6 +140,40 @@ def frozen_keep(margins, target, min_density, per_layer=False):
     return [k.reshape(np.shape(m)) for k, m in zip(keeps, margins)]
 
 
+def frozen_units(margins, unit_sizes, target, min_density, per_layer=False):
+    """What `SparsityScheduler`'s freeze keeps of masks of neuron granularity.
+
+    `margins` holds one array per mask, a unit's `(rms(w) - threshold) / weight_scale`;
+    `unit_sizes` the weights of one unit of each mask. Each group keeps the units closest
+    to `round((1 - target) * size)` weights (fewer on a tie): first each mask's floor,
+    `ceil(ceil(min_density * size) / unit)` units of best margin, then the best margins
+    of the group's other units, as many as hold closest to the budget.
+    """
+    keeps = [np.zeros(np.size(m), bool) for m in margins]
+    groups = [[i] for i in range(len(margins))] if per_layer else [list(range(len(margins)))]
+    for group in groups:
+        size = sum(np.size(margins[i]) * unit_sizes[i] for i in group)
+        budget = int(round((1.0 - target) * size))
+        held = 0
+        for i in group:
+            unit = unit_sizes[i]
+            floor = int(np.ceil(np.ceil(min_density * np.size(margins[i]) * unit) / unit))
+            keeps[i][np.argsort(-np.ravel(margins[i]))[:floor]] = True
+            held += int(keeps[i].sum()) * unit
+        pool = [
+            (float(np.ravel(margins[i])[j]), i, j)
+            for i in group
+            for j in range(np.size(margins[i]))
+            if not keeps[i][j]
+        ]
+        pool.sort(reverse=True)
+        totals = np.cumsum([0] + [unit_sizes[i] for _, i, _ in pool])
+        count = int(np.argmin(np.abs(totals - (budget - held))))
+        for _, i, j in pool[:count]:
+            keeps[i][j] = True
+    return keeps
+
+
 def feedback_step(log_penalty, densities, sizes, target, scope="global", **options):
     """One update of `SparsityScheduler`'s penalty for one group of masks, written out.
 

@@ -269,6 +269,40 @@ def test_the_freeze_keeps_exactly_the_target_ranked_by_margin(
         assert float(to_numpy(mask.sparsity_penalty)) == 0.0
 
 
+@pytest.mark.parametrize(
+    "scope, target, min_density",
+    [("per_layer", 0.5, 0.01), ("global", 0.6, 0.01), ("global", 0.9, 0.3)],
+)
+def test_the_neuron_freeze_keeps_the_units_of_best_margin(rng, scope, target, min_density):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            ks.SparseLinear(8, granularity="neuron", name="wide"),
+            ks.SparseLinear(3, granularity="neuron", name="narrow"),
+        ]
+    )
+    layers = ks.sparse_layers(model)
+    margins = []
+    for layer in layers:
+        kernel = rng.normal(size=layer.kernel.shape).astype("float32")
+        threshold = rng.uniform(0.0, 0.5, size=layer.threshold.shape).astype("float32")
+        layer.kernel.assign(kernel)
+        layer.threshold.assign(threshold)
+        rms = np.sqrt(np.mean(kernel.astype("float64") ** 2, axis=0))
+        margins.append((rms - threshold) / np.std(kernel))
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(target, begin_step=0, end_step=1),
+        scope=scope,
+        min_density=min_density,
+    )
+    fit_without_learning(model, scheduler, steps=2)  # frozen before the second step
+    assert scheduler.frozen
+    expected = reference.frozen_units(margins, (6, 8), target, min_density, scope == "per_layer")
+    for layer, keep in zip(layers, expected):
+        prune_mask = to_numpy(layer.prune_mask)
+        np.testing.assert_array_equal(prune_mask, np.broadcast_to(keep, prune_mask.shape))
+
+
 def test_a_mask_at_its_floor_gets_no_penalty(rng):
     # The wide layer's thresholds keep 2 of its 48 weights, under the floor of 10%; the
     # narrow one keeps all 24. One driven step on a target of 97% (density 3%): both are
