@@ -18,10 +18,11 @@ Writes results/lenet5_mnist_pquant.json.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
+
+from _by_path import load_module
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,17 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = Path(__file__).resolve().parent
 
 
-def _load_module(name, path):
-    # Loaded by path: this environment has no keras_sparse.
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_module("mnist_lenet5", HERE / "mnist_lenet5.py")
-peer = _load_module("mnist_vit_pquant", HERE / "mnist_vit_pquant.py")
-datasets = _load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
+bench = load_module("mnist_lenet5", HERE / "mnist_lenet5.py")
+peer = load_module("mnist_vit_pquant", HERE / "mnist_vit_pquant.py")
+datasets = load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
 
 
 def parse_args(argv=None):

@@ -12,11 +12,12 @@ results/mnist_tfmot.json.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 from pathlib import Path
+
+from _by_path import load_module
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,16 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = Path(__file__).resolve().parent
 
 
-def _load_module(name, path):
-    # Loaded by path: importing the keras_sparse package would pull in Keras 3.
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_module("mnist_lenet", HERE / "mnist_lenet.py")
-datasets = _load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
+bench = load_module("mnist_lenet", HERE / "mnist_lenet.py")
+datasets = load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
 
 
 def run_one(target, seed, args, data):

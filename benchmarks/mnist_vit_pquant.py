@@ -34,10 +34,11 @@ measured on that stock model. Writes results/vit_mnist_pquant.json.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
+
+from _by_path import load_module
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -45,16 +46,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = Path(__file__).resolve().parent
 
 
-def _load_module(name, path):
-    # Loaded by path: this environment has no keras_sparse.
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_module("mnist_vit", HERE / "mnist_vit.py")
-datasets = _load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
+bench = load_module("mnist_vit", HERE / "mnist_vit.py")
+datasets = load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
 
 
 def parse_args(argv=None):

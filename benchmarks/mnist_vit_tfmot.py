@@ -19,10 +19,11 @@ layer); sparsity is counted over all kernels. Writes results/vit_mnist_tfmot.jso
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
+
+from _by_path import load_module
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -30,16 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 HERE = Path(__file__).resolve().parent
 
 
-def _load_module(name, path):
-    # Loaded by path: importing the keras_sparse package would pull in Keras 3.
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_module("mnist_vit", HERE / "mnist_vit.py")
-datasets = _load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
+bench = load_module("mnist_vit", HERE / "mnist_vit.py")
+datasets = load_module("datasets", HERE.parent / "keras_sparse" / "datasets.py")
 
 
 def prunable(layer, keras):
