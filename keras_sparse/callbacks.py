@@ -21,6 +21,7 @@ import numpy as np
 from keras import ops
 
 from keras_sparse.mask import STATE_FIELDS
+from keras_sparse.programs import Program
 from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, SparsitySchedule
 from keras_sparse.walk import display_names, sparse_layers
 
@@ -201,6 +202,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         self.step = 0  # training steps driven, across `fit` calls and reloads
         self.frozen = False
         self._masks = None
+        self._programs = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -219,6 +221,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             for kernel_name, mask in masks.items():
                 self._masks.append(mask)
                 self._names.append(name if len(masks) == 1 else f"{name}/{kernel_name}")
+        self._programs = {}
         self.model  # noqa: B018 -- on JAX, reading `model` syncs the variables from the train state
         with _host_reads():
             self._start()
@@ -256,12 +259,14 @@ class SparsityScheduler(keras.callbacks.Callback):
                 self.step = min(self.step, self._epoch_start + int(steps))
         elif self._eager_steps:
             self.step = self._epoch_start + self._batches_begun
-            for mask in self._masks:
-                state = mask.sparsity_state
-                state.assign(ops.concatenate([ops.full((1,), float(self.step)), state[1:]]))
+            with _host_reads():
+                for mask in self._masks:
+                    state = np.array(ops.convert_to_numpy(mask.sparsity_state))
+                    state[_STEP] = self.step
+                    mask.sparsity_state.assign(state)
         else:
             with _host_reads():
-                self.step = int(_scalar(self._masks[0].state("step")))
+                self.step = int(ops.convert_to_numpy(self._masks[0].sparsity_state)[_STEP])
 
     def on_epoch_end(self, epoch, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
@@ -280,8 +285,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         if self.frozen:
             # Re-apply the frozen masks to the raw kernels (an optimizer's
             # momentum may have moved values whose gradient was zero).
-            for mask in self._masks:
-                mask.hard_prune()
+            self._hard_prune_all()
         elif self._masks:
             self._warn_unfinished()
         self._retrace()
@@ -295,7 +299,8 @@ class SparsityScheduler(keras.callbacks.Callback):
         except ValueError as error:
             raise ValueError(f"SparsityScheduler cannot place its schedule: {error}") from None
         try:
-            schedule(ops.convert_to_tensor(0.0))
+            # Traced, as the train step will: a schedule written in NumPy fails here.
+            Program(schedule, [])(ops.convert_to_tensor(0.0))
         except Exception as error:
             raise TypeError(
                 f"The schedule {self.schedule!r} must accept a tensor step (write it with "
@@ -318,19 +323,51 @@ class SparsityScheduler(keras.callbacks.Callback):
                 mask.frozen = False
         self.step = int(states[0][_STEP])
         self.frozen = bool(states[0][_FROZEN] > 0)
-        for mask, state in zip(self._masks, states):
+        for mask in self._masks:
+            mask.frozen = self.frozen
+        spreads, active = self._measure(
+            "start",
+            lambda: (
+                ops.stack([_alive_std(mask) for mask in self._masks]),
+                ops.stack([_num_active(mask) for mask in self._masks]),
+            ),
+        )
+        for mask, state, spread, count in zip(self._masks, states, spreads, active):
             state = np.array(state, "float32")
             if state[_SCALE] <= 0:
-                state[_SCALE] = _alive_std(mask)
+                state[_SCALE] = spread if spread > 0 and math.isfinite(spread) else 1.0
             if state[_STEP] == 0 and not self.frozen:
                 state[_LOG_PENALTY] = math.log(self.initial_penalty)
                 # The group's first step reads the other members' densities from here.
-                state[_DENSITY] = mask.num_active() / mask.size
+                state[_DENSITY] = count / mask.size
             mask.sparsity_state.assign(state)
-            mask.frozen = self.frozen
             if not self.frozen:
                 relative = self._relative_schedule(mask)(self.step)
                 mask._temperature.assign(relative / float(state[_SCALE]))
+
+    def _program(self, name, function):
+        """The compiled `Program` of `function` over every mask's variables, made once per fit.
+
+        `name` must tell apart what the function computes; the masks' own
+        Python state is in their `trace_key()`.
+        """
+        key = (name, self.frozen)
+        if key not in self._programs:
+            variables = [v for mask in self._masks for v in [mask.kernel, *mask.variables]]
+            # Shared with every scheduler driving masks of the same structure.
+            shared = (name, self.scope, self.min_density, *(m.trace_key() for m in self._masks))
+            self._programs[key] = Program(function, variables, key=shared)
+        return self._programs[key]
+
+    def _measure(self, name, function, *args):
+        """`function(*args)`'s tensors, compiled as one program, read to the host (NumPy)."""
+        values = self._program(name, function)(*args)
+        return keras.tree.map_structure(ops.convert_to_numpy, values)
+
+    def _hard_prune_all(self):
+        self._program("hard_prune", lambda: [m.assign_hard_pruned() for m in self._masks])()
+        for mask in self._masks:
+            mask.mark_hard_pruned()
 
     def _retrace(self):
         # The driver, and the freeze, change what a training step computes.
@@ -466,66 +503,81 @@ class SparsityScheduler(keras.callbacks.Callback):
         Each mask first keeps its floor (`min_density`) of best margins.
         """
         self._check_finite_weights()
-        for group in self._groups():
+        self._program("freeze", self._fix_at_budgets)(self._budgets(target), float(self.step))
+        for mask in self._masks:
+            mask.mark_hard_pruned()
+            mask.frozen = True
+            mask.driver = None
+        self.frozen = True
+        self._retrace()
+
+    def _budgets(self, target):
+        """For each group, the weights the freeze keeps: `round((1 - target) * size)`."""
+        budgets = [int(round((1.0 - target) * sum(m.size for m in g))) for g in self._groups()]
+        return np.array(budgets, "int32")
+
+    def _fix_at_budgets(self, budgets, step):
+        """The freeze's work on the variables, given each group's budget (in one program)."""
+        for group, budget in zip(self._groups(), ops.unstack(ops.convert_to_tensor(budgets))):
             candidates = [_candidates(mask) for mask in group]
-            total = sum(mask.size for mask in group)
-            budget = int(round((1.0 - target) * total))
             chosen, held_by_floor = [], 0
             for mask, (margins, unit, _) in zip(group, candidates):
                 floor_units = math.ceil(math.ceil(self.min_density * mask.size) / unit)
                 chosen.append(_rank(margins) < floor_units)
                 held_by_floor += min(floor_units, int(margins.shape[0])) * unit
             rest = budget - held_by_floor
-            if rest > 0:
-                pool = ops.concatenate(
-                    [ops.where(c, -np.inf, m) for c, (m, _, _) in zip(chosen, candidates)]
-                )
-                units = np.concatenate(
-                    [np.full(int(c.shape[0]), unit) for c, (_, unit, _) in zip(chosen, candidates)]
-                ).astype("int32")
-                order = ops.argsort(-pool)
-                held = ops.cumsum(ops.take(ops.convert_to_tensor(units), order))
-                held = ops.concatenate([ops.zeros((1,), "int32"), held])
-                # As many of the best as hold closest to the budget (fewer on a tie).
-                count = ops.argmin(ops.abs(held - rest))
-                picked = _rank(pool) < count
-                offsets = np.cumsum([0] + [int(c.shape[0]) for c in chosen])
-                chosen = [
-                    ops.logical_or(c, picked[a:b])
-                    for c, a, b in zip(chosen, offsets[:-1], offsets[1:])
-                ]
+            pool = ops.concatenate(
+                [ops.where(c, -np.inf, m) for c, (m, _, _) in zip(chosen, candidates)]
+            )
+            units = np.concatenate(
+                [np.full(int(c.shape[0]), unit) for c, (_, unit, _) in zip(chosen, candidates)]
+            ).astype("int32")
+            order = ops.argsort(-pool)
+            held = ops.cumsum(ops.take(ops.convert_to_tensor(units), order))
+            held = ops.concatenate([ops.zeros((1,), "int32"), held])
+            # As many of the best as hold closest to the budget (fewer on a tie);
+            # none beyond the floor when the floor already holds the budget.
+            count = ops.where(rest > 0, ops.argmin(ops.abs(held - rest)), 0)
+            picked = _rank(pool) < count
+            offsets = np.cumsum([0] + [int(c.shape[0]) for c in chosen])
+            chosen = [
+                ops.logical_or(c, picked[a:b]) for c, a, b in zip(chosen, offsets[:-1], offsets[1:])
+            ]
             for mask, c, (margins, _, to_kernel) in zip(group, chosen, candidates):
                 keep = to_kernel(ops.logical_and(c, ops.isfinite(margins)))
                 mask.prune_mask.assign(ops.logical_and(mask.prune_mask, keep))
                 mask.threshold.assign(ops.zeros(mask.threshold.shape))
-                mask.hard_prune()
+                mask.assign_hard_pruned()
         for mask in self._masks:
             mask.sparsity_penalty.assign(0.0)
             state = mask.sparsity_state
-            step = ops.full((1,), float(self.step))
-            state.assign(ops.concatenate([step, state[_LOG_PENALTY:_FROZEN], ops.ones((1,))]))
-            mask.frozen = True
-            mask.driver = None
-        self.frozen = True
-        self._retrace()
+            steps = ops.full((1,), step)
+            state.assign(ops.concatenate([steps, state[_LOG_PENALTY:_FROZEN], ops.ones((1,))]))
 
     # ------------------------------------------------------------- reports
 
     def statistics(self):
         """The scalars the scheduler logs at each epoch's end, measured now on the device."""
-        sizes = [mask.size for mask in self._masks]
-        active = [mask.num_active() for mask in self._masks]
-        stats = {
-            "sparsity": 1.0 - sum(active) / sum(sizes),
-            "target_sparsity": float(self._steps(self.step)),
-            "relative_temperature": _scalar(
-                self._masks[0]._temperature * self._masks[0].state("weight_scale")
+        masks = self._masks
+        active, penalty_terms, threshold_means, relative_temperature = self._measure(
+            "statistics",
+            lambda: (
+                ops.stack([_num_active(mask) for mask in masks]),
+                ops.stack([_penalty_term(mask) for mask in masks]),
+                ops.stack([ops.mean(mask.threshold) for mask in masks]),
+                masks[0]._temperature * masks[0].state("weight_scale"),
             ),
-            "sparsity_loss": sum(_scalar(_penalty_term(mask)) for mask in self._masks),
+        )
+        active = [int(count) for count in active]
+        stats = {
+            "sparsity": 1.0 - sum(active) / sum(mask.size for mask in masks),
+            "target_sparsity": float(self._steps(self.step)),
+            "relative_temperature": float(relative_temperature),
+            "sparsity_loss": sum(float(term) for term in penalty_terms),
         }
-        for name, mask, count in zip(self._names, self._masks, active):
+        for name, mask, count, mean in zip(self._names, masks, active, threshold_means):
             stats[f"density/{name}"] = count / mask.size
-            stats[f"threshold_mean/{name}"] = _scalar(ops.mean(mask.threshold))
+            stats[f"threshold_mean/{name}"] = float(mean)
         return stats
 
     def _check_finite(self, logs):
@@ -540,8 +592,13 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._check_finite_weights()
 
     def _check_finite_weights(self, why=None):
-        for name, mask in zip(self._names, self._masks):
-            bad = _scalar(ops.sum(ops.cast(ops.logical_not(ops.isfinite(mask.kernel)), "float32")))
+        counts = self._measure(
+            "finite",
+            lambda: ops.stack(
+                [ops.count_nonzero(ops.logical_not(ops.isfinite(m.kernel))) for m in self._masks]
+            ),
+        )
+        for name, bad in zip(self._names, counts):
             if bad:
                 raise FloatingPointError(
                     f"SparsityScheduler: {int(bad)} weights of '{name}' are NaN or infinite at "
@@ -581,13 +638,17 @@ def _penalty_term(mask):
 
 
 def _alive_std(mask):
-    """Standard deviation of the weights that are not pruned (1.0 if there are none)."""
+    """Standard deviation of the weights that are not pruned (0 if there are none)."""
     kernel = ops.convert_to_tensor(mask.kernel)
     alive = ops.cast(mask.prune_mask, "float32")
     count = ops.maximum(ops.sum(alive), 1.0)
     mean = ops.sum(kernel * alive) / count
-    std = _scalar(ops.sqrt(ops.sum(ops.square((kernel - mean) * alive)) / count))
-    return std if std > 0 and math.isfinite(std) else 1.0
+    return ops.sqrt(ops.sum(ops.square((kernel - mean) * alive)) / count)
+
+
+def _num_active(mask):
+    """`mask.num_active()` as a tensor (int32)."""
+    return ops.cast(ops.count_nonzero(mask.keep(mask.kernel.value)), "int32")
 
 
 def _rank(values):

@@ -38,6 +38,7 @@ from keras_sparse.granularity import (
     n_m_keep,
     neuron_scores,
 )
+from keras_sparse.programs import Program
 
 # The mask's transition band is about 4 / temperature wide in weight units.
 # Tying the default temperature to the kernel's spread at build time makes the
@@ -424,6 +425,15 @@ class KernelMask:
             return float(relative_temperature)
         return float(relative_temperature) / std
 
+    def trace_key(self):
+        """What the formulas' traced code depends on besides the variables' values.
+
+        Masks of equal keys trace equal programs (`keras_sparse.programs`).
+        """
+        options = self.options
+        granularity = (options.structured, options.granularity, options.n_m)
+        return (self.shape, self.output_axes, self.n_m_axis, *granularity, self.frozen)
+
     @property
     def temperature(self):
         return float(ops.convert_to_numpy(self._temperature.value))
@@ -558,16 +568,27 @@ class KernelMask:
 
     # ------------------------------------------- statistics and actions
 
+    def _program(self, name, function):
+        """`function` over this mask's variables, compiled once per mask structure on JAX."""
+        return Program(function, [self.kernel, *self.variables], key=(name, *self.trace_key()))
+
     def num_active(self):
         """Number of weights the hard mask keeps."""
-        return int(ops.convert_to_numpy(ops.sum(ops.cast(self.keep(self.kernel.value), "int32"))))
+        count = self._program("num_active", self._count_active)()
+        return int(ops.convert_to_numpy(count))
+
+    def _count_active(self):
+        return ops.sum(ops.cast(self.keep(self.kernel.value), "int32"))
 
     def alive_units(self):
         """Number of output units with at least one active weight."""
+        return int(ops.convert_to_numpy(self._program("alive_units", self._count_units)()))
+
+    def _count_units(self):
         keep = self.keep(self.kernel.value)
         if self.reduce_axes:
             keep = ops.any(keep, axis=self.reduce_axes)
-        return int(ops.convert_to_numpy(ops.sum(ops.cast(keep, "int32"))))
+        return ops.sum(ops.cast(keep, "int32"))
 
     def density(self):
         return self.num_active() / self.size
@@ -583,10 +604,18 @@ class KernelMask:
         Runs on the device and keeps each variable's sharding: nothing is
         gathered to the host.
         """
+        self._program("hard_prune", self.assign_hard_pruned)()
+        self.mark_hard_pruned()
+
+    def assign_hard_pruned(self):
+        """`hard_prune()`'s writes to the variables alone (a `Program` may run them)."""
         keep = self.keep(self.kernel.value)
         self.kernel.assign(ops.where(keep, self.kernel.value, 0.0))
         self.prune_mask.assign(keep)
         self.threshold.assign(ops.zeros(self.threshold.shape))
+
+    def mark_hard_pruned(self):
+        """`hard_prune()`'s Python state: inference may now skip the mask (see there)."""
         self._plain_inference = not self._seen_training
 
     def threshold_values(self, value):
