@@ -17,7 +17,9 @@ Four models, each built with its units pruned as `hard_prune()` leaves them
 Two models serve each: `strip(model)` ("dense": the full size, zeros
 included) and `shrink(model).model` ("shrunk"). Both run compiled (JAX:
 `jax.jit`; TensorFlow: `tf.function`; PyTorch: eager under
-`torch.inference_mode()`, as `model.predict` runs), on the same inputs,
+`torch.inference_mode()`, as `model.predict` runs; `onnxruntime`: each
+model exported to ONNX with `model.export(format="onnx")` on the
+TensorFlow backend, run by an ONNX Runtime CPU session), on the same inputs,
 interleaved: every repeat times each model once per batch size, and the
 table shows medians over repeats and the shrunk/dense ratio of medians.
 
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKENDS = ("tensorflow", "jax", "torch")
+BACKENDS = ("tensorflow", "jax", "torch", "onnxruntime")
 MODELS = ("mlp", "mobilenet", "resnet", "vit")
 
 
@@ -179,11 +181,29 @@ def build_pruned(name, kept, hidden, seed=0):
     return model, input_shape
 
 
-def compiled(model):
-    """`f(x) -> numpy output` running `model` as the backend serves it."""
+def onnx_session(model, path, threads):
+    """`f(x) -> numpy output` running `model` exported to ONNX, in ONNX Runtime."""
+    import onnxruntime as ort
+
+    model.export(str(path), format="onnx", verbose=False)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads == 1:
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def compiled(model, runtime, scratch, threads):
+    """`f(x) -> numpy output` running `model` as `runtime` serves it."""
     import keras
     import numpy as np
 
+    if runtime == "onnxruntime":
+        path = scratch / f"{model.name}_{len(os.listdir(scratch))}.onnx"
+        return onnx_session(model, path, threads)
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -236,10 +256,14 @@ def per_call_seconds(fn, x, budget_s):
 
 
 def run_backend(args):
-    import keras
+    import tempfile
+
     import numpy as np
 
     import keras_sparse as ks
+
+    scratch = Path(tempfile.mkdtemp(prefix="shrink_latency_"))
+    serve = lambda model: compiled(model, args.backend, scratch, args.threads)  # noqa: E731
 
     kept_fractions = [float(k) for k in args.kept.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -252,8 +276,8 @@ def run_backend(args):
             dense = ks.strip(pruned)
             for b in batches:
                 inputs.setdefault((name, b), rng.random((b, *input_shape), dtype="float32"))
-            variants[(name, kept, "dense")] = compiled(dense)
-            variants[(name, kept, "shrunk")] = compiled(result.model)
+            variants[(name, kept, "dense")] = serve(dense)
+            variants[(name, kept, "shrunk")] = serve(result.model)
             x = inputs[(name, batches[-1])]
             gap = np.max(
                 np.abs(variants[(name, kept, "dense")](x) - variants[(name, kept, "shrunk")](x))
@@ -280,7 +304,7 @@ def run_backend(args):
             shrunk_s = statistics.median(times[((name, kept, "shrunk"), b)])
             rows.append(
                 {
-                    "backend": keras.backend.backend(),
+                    "backend": args.backend,
                     "model": name,
                     "kept": kept,
                     "batch": b,
@@ -329,10 +353,12 @@ def main(argv=None):
             rows += json.loads(part.read_text())["rows"]
             part.unlink()
     else:
-        os.environ["KERAS_BACKEND"] = args.backend
+        # ONNX Runtime serves models exported on the TensorFlow backend.
+        backend = "tensorflow" if args.backend == "onnxruntime" else args.backend
+        os.environ["KERAS_BACKEND"] = backend
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         if args.threads == 1:
-            single_thread(args.backend, args.core)
+            single_thread(backend, args.core)
         rows = run_backend(args)
         print(markdown(rows), flush=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "backend")}

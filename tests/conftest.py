@@ -13,6 +13,9 @@ BACKEND = keras.backend.backend()
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "requires_tensorflow: needs the TensorFlow backend")
+    config.addinivalue_line(
+        "markers", "slow: takes seconds to tens of seconds (a subprocess, a real model)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,6 +23,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_tensorflow" in item.keywords and BACKEND != "tensorflow":
             item.add_marker(skip_tf)
+    # The slow tests first: the parallel workers (pytest-xdist) take tests in this order, so
+    # none is left running a long one alone at the end.
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 @pytest.fixture(autouse=True)

@@ -129,6 +129,7 @@ def test_strip_output_must_be_a_keras_file(sparse_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("strip", [False, True], ids=["sparse", "stripped"])
+@pytest.mark.slow
 def test_export_writes_an_artifact_serving_the_same_outputs(sparse_file, tmp_path, capsys, strip):
     if export_problem("onnx"):
         skip_route(export_problem("onnx"))
@@ -250,6 +251,7 @@ def test_missing_command_is_a_usage_error(capsys):
 # ----------------------------------------------------------- as a program
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_cli(sparse_file):
     pythonpath = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pythonpath, TF_CPP_MIN_LOG_LEVEL="3")

@@ -144,6 +144,7 @@ def test_a_folder_without_the_files_says_which_file_is_missing(no_sources):
         load_mnist(no_sources / "empty")
 
 
+@pytest.mark.slow
 def test_the_example_without_a_folder_exits_with_the_message(no_sources):
     env = {**os.environ, "HOME": str(no_sources / "home"), "PYTHONPATH": ROOT}
     env.pop(MNIST_ENV_VAR, None)

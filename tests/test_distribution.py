@@ -224,6 +224,7 @@ def has_scheduler():
 
 
 @only_on("jax")
+@pytest.mark.slow
 def test_jax_data_and_model_parallel_match_one_device(tmp_path):
     """8 virtual CPU devices: DataParallel, then ModelParallel on a 2x4 mesh.
 
@@ -254,6 +255,7 @@ def test_jax_data_and_model_parallel_match_one_device(tmp_path):
 
 
 @only_on("tensorflow")
+@pytest.mark.slow
 def test_tensorflow_mirrored_strategy_matches_one_device(tmp_path):
     """MirroredStrategy over 2 logical CPUs: weights in step on both replicas,
     equal to single-device `fit` within rtol=atol=1e-5; `hard_prune()` and
@@ -265,6 +267,7 @@ def test_tensorflow_mirrored_strategy_matches_one_device(tmp_path):
 
 
 @only_on("torch")
+@pytest.mark.slow
 def test_torch_ddp_keeps_thresholds_in_step(tmp_path):
     """2 gloo processes, DDP around the Keras model: every weight, thresholds
     included, is bitwise equal across ranks (also after `hard_prune()`) and
@@ -289,6 +292,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_scaling_out_recipe_runs_as_written(tmp_path):
     """The section's script for this backend, run unchanged (but for the
     PyTorch rendezvous port, made free for parallel CI runs)."""
@@ -303,6 +307,7 @@ def test_the_scaling_out_recipe_runs_as_written(tmp_path):
 
 
 @only_on("jax")
+@pytest.mark.slow
 def test_the_model_parallel_example_runs(tmp_path):
     process = run_script(
         [os.path.join(ROOT, "examples", "model_parallel.py"), "--epochs", "2", "--save", "m.keras"],

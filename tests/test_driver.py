@@ -204,6 +204,7 @@ def _driven_run(run_eagerly, every=3, epochs=2):
 
 
 @pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+@pytest.mark.slow
 def test_update_every_updates_on_due_steps_only_and_counts_every_step(run_eagerly):
     every, epochs = 3, 2
     m, scheduler, recorder = _driven_run(run_eagerly, every, epochs)

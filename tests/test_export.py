@@ -150,6 +150,7 @@ def _onnx_model(path):
 
 
 @STRIP
+@pytest.mark.slow
 def test_onnx_runs_in_onnxruntime_with_the_same_outputs(shipped, strip):
     ort = require("onnxruntime")
     session = ort.InferenceSession(shipped.artifact("onnx", strip))

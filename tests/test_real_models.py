@@ -228,6 +228,7 @@ def kernel_holders(model):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_sparsify_converts_every_kernel_and_keeps_the_outputs(kind, rng):
     model, x = build(kind, rng)
     before = outputs(model, x)
@@ -331,6 +332,7 @@ def test_sparse_layers_are_found_inside_custom_layers():
     assert len(ks.kernel_masks(sparse)) == 2
 
 
+@pytest.mark.slow
 def test_keras_applications_mobilenet_v2_is_covered():
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10
@@ -459,6 +461,7 @@ print(json.dumps({{"y": np.asarray(y).tolist(), "masks": masks}}))
 
 
 @pytest.mark.parametrize("kind", ["residual_cnn", "attention"])
+@pytest.mark.slow
 def test_a_pruned_model_loads_on_another_backend(kind, rng, tmp_path):
     model, x = build(kind, rng)
     sparse, _ = sparsify_quietly(model)
@@ -496,6 +499,7 @@ def test_a_pruned_model_loads_on_another_backend(kind, rng, tmp_path):
 # ------------------------------------------- the driver across layer types
 
 
+@pytest.mark.slow
 def test_the_scheduler_reaches_an_exact_target_over_a_cnn_with_attention(rng):
     inputs = keras.Input((8, 8, 2))
     x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inputs)

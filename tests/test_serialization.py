@@ -189,6 +189,7 @@ def test_weights_saved_with_a_float32_prune_mask_still_load(rng):
     np.testing.assert_array_equal(to_numpy(layer.effective_weight()), kernel * float_mask)
 
 
+@pytest.mark.slow
 def test_keras_file_loads_with_identical_outputs_on_the_other_backends(rng, tmp_path):
     model = pruned_model("functional", rng)
     x = rng.normal(size=(6, 4)).astype("float32")

@@ -354,6 +354,7 @@ def test_strip_without_a_sparse_layer_says_so():
         strip(_dense_model())
 
 
+@pytest.mark.slow
 def test_stripped_model_loads_where_keras_sparse_is_not_importable(tmp_path, x):
     model, _ = _pruned_sparse_model()
     stripped = strip(model)
