@@ -183,8 +183,10 @@ def build_pruned(name, kept, hidden, seed=0):
 
 def onnx_session(model, path, threads):
     """`f(x) -> numpy output` running `model` exported to ONNX, in ONNX Runtime."""
+    import numpy as np
     import onnxruntime as ort
 
+    model(np.zeros((1, *model.input_shape[1:]), "float32"))  # Keras exports called models only
     model.export(str(path), format="onnx", verbose=False)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
