@@ -18,8 +18,8 @@ Two models serve each: `strip(model)` ("dense": the full size, zeros
 included) and `shrink(model).model` ("shrunk"). Both run compiled (JAX:
 `jax.jit`; TensorFlow: `tf.function`; PyTorch: eager under
 `torch.inference_mode()`, as `model.predict` runs; `onnxruntime`: each
-model exported to ONNX with `model.export(format="onnx")` on the
-TensorFlow backend, run by an ONNX Runtime CPU session), on the same inputs,
+model exported to ONNX with `model.export(format="onnx")` on the backend
+`--export-backend` names, run by an ONNX Runtime CPU session), on the same inputs,
 interleaved: every repeat times each model once per batch size, and the
 table shows medians over repeats and the shrunk/dense ratio of medians.
 
@@ -61,6 +61,12 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, choices=(0, 1))
     parser.add_argument("--budget-ms", type=float, default=150.0, help="time per measurement")
     parser.add_argument("--core", type=int, default=1, help="the core of --threads 1")
+    parser.add_argument(
+        "--export-backend",
+        default="tensorflow",
+        choices=BACKENDS[:3],
+        help="the backend that exports the ONNX files of --backend onnxruntime",
+    )
     parser.add_argument("--out", default=str(RESULTS / "shrink_latency.json"))
     args = parser.parse_args(argv)
     unknown = set(args.model.split(",")) - set(MODELS)
@@ -355,8 +361,8 @@ def main(argv=None):
             rows += json.loads(part.read_text())["rows"]
             part.unlink()
     else:
-        # ONNX Runtime serves models exported on the TensorFlow backend.
-        backend = "tensorflow" if args.backend == "onnxruntime" else args.backend
+        # ONNX Runtime serves models exported on --export-backend.
+        backend = args.export_backend if args.backend == "onnxruntime" else args.backend
         os.environ["KERAS_BACKEND"] = backend
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         if args.threads == 1:
