@@ -326,7 +326,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             "start",
             lambda: (
                 ops.stack([_alive_std(mask) for mask in self._masks]),
-                ops.stack([_num_active(mask) for mask in self._masks]),
+                ops.stack([mask.count_active() for mask in self._masks]),
             ),
         )
         for mask, state, spread, count in zip(self._masks, states, spreads, active):
@@ -559,7 +559,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         active, penalty_terms, threshold_means, relative_temperature = self._measure(
             "statistics",
             lambda: (
-                ops.stack([_num_active(mask) for mask in masks]),
+                ops.stack([mask.count_active() for mask in masks]),
                 ops.stack([_penalty_term(mask) for mask in masks]),
                 ops.stack([ops.mean(mask.threshold) for mask in masks]),
                 masks[0]._temperature * masks[0].state("weight_scale"),
@@ -641,11 +641,6 @@ def _alive_std(mask):
     count = ops.maximum(ops.sum(alive), 1.0)
     mean = ops.sum(kernel * alive) / count
     return ops.sqrt(ops.sum(ops.square((kernel - mean) * alive)) / count)
-
-
-def _num_active(mask):
-    """`mask.num_active()` as a tensor (int32)."""
-    return ops.cast(ops.count_nonzero(mask.keep(mask.kernel.value)), "int32")
 
 
 def _rank(values):

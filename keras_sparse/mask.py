@@ -574,10 +574,11 @@ class KernelMask:
 
     def num_active(self):
         """Number of weights the hard mask keeps."""
-        count = self._program("num_active", self._count_active)()
+        count = self._program("num_active", self.count_active)()
         return int(ops.convert_to_numpy(count))
 
-    def _count_active(self):
+    def count_active(self):
+        """`num_active()` as an int32 tensor, computed where it is called (a program, a step)."""
         return ops.sum(ops.cast(self.keep(self.kernel.value), "int32"))
 
     def alive_units(self):
