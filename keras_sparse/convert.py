@@ -3,8 +3,8 @@
 `convert_layer(layer)` turns a built stock layer (a `Dense`, a `Conv2D`, a
 keras-hub `ReversibleEmbedding`...) into its sparse class in place: the
 object stays where it is (a node of a functional graph, an attribute of a
-custom layer, an element of a list), keeps its weights, and gains its masks.
-`restore_layer(layer)` does the reverse, with the pruned kernel.
+custom layer, an element of a list), keeps its weights, and gains its masks. `stock_config` and
+`copy_stock_weights` give `strip()` the stock twin, with the pruned kernel.
 
 The `.keras` format needs one more thing. A functional model or a
 Sequential saves each of its layers' class and config, so a converted layer
@@ -168,7 +168,12 @@ def check_options(options):
     return MaskOptions.check(**options)
 
 
-def convert_layer(layer, options=None):
+# The unit axes of an attention output projection whose units are heads: its kernel is
+# (heads, head_dim, output_dim).
+HEADS_AXES = (0,)
+
+
+def convert_layer(layer, options=None, unit_axes=None):
     """Turn the built stock layer `layer` into its sparse class, in place; returns it.
 
     The kernel keeps its values, and thresholds start at
@@ -180,6 +185,9 @@ def convert_layer(layer, options=None):
         layer: A built instance of a class in `SPARSE_CLASSES` or a
             subclass of one.
         options: Pruning arguments, as `SparseLinear` takes them.
+        unit_axes: For an `EinsumDense`, the kernel axes whose entries are
+            the mask's units, instead of those its equation names as outputs
+            (`HEADS_AXES`: an attention output projection's heads).
     """
     cls = sparse_class_for(type(layer))
     if cls is None:
@@ -201,6 +209,8 @@ def convert_layer(layer, options=None):
     layer._tracker.unlock()
     stock_dict = dict(layer.__dict__)
     try:
+        if unit_axes is not None:
+            object.__setattr__(layer, "_sparse_unit_axes", tuple(unit_axes))
         layer.__class__ = cls
         # Keras wraps `build` and `quantize` per instance around the old
         # class's methods; the built layer needs neither wrapper.
@@ -342,12 +352,16 @@ class SparseOwnerMixin:
             if isinstance(target, SparseKernelMixin):
                 continue  # converted already
             cls = sparse_class_for(type(target))
+            unit_axes = entry.get("unit_axes")
             if cls is not None and target.built:
-                convert_layer(target, entry["sparse"])
+                convert_layer(target, entry["sparse"], unit_axes)
             elif cls is not None:
                 # Built later, on its first call: a fresh sparse layer in its place.
                 config = {**target.get_config(), **entry["sparse"]}
-                replace_sublayer(self, entry["path"], cls.from_config(config))
+                fresh = cls.from_config(config)
+                if unit_axes is not None:
+                    object.__setattr__(fresh, "_sparse_unit_axes", tuple(unit_axes))
+                replace_sublayer(self, entry["path"], fresh)
             else:
                 raise ValueError(
                     f"The saved model pruned a layer at {'.'.join(map(str, entry['path']))} "
@@ -447,10 +461,11 @@ def _captures(parent, child):
     return False
 
 
-def record_conversion(root, layer, parents, options):
+def record_conversion(root, layer, parents, options, unit_axes=None):
     """Note in the owner of `layer` (if it has one) that `layer` was converted with `options`.
 
-    `parents` maps `id(layer) -> parent` for the walk of `root`.
+    `parents` maps `id(layer) -> parent` for the walk of `root`; `unit_axes`
+    as given to `convert_layer`.
     """
     parent = parents[id(layer)]
     if _captures(parent, layer):
@@ -465,7 +480,10 @@ def record_conversion(root, layer, parents, options):
             "its conversion could not be saved with the model."
         )
     _become_owner(owner)
-    owner._sparse_plan.append({"path": path, "sparse": dict(options)})
+    entry = {"path": path, "sparse": dict(options)}
+    if unit_axes is not None:
+        entry["unit_axes"] = list(unit_axes)
+    owner._sparse_plan.append(entry)
     return owner
 
 

@@ -969,12 +969,11 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
 
     def build(self, query_shape, value_shape, key_shape=None):
         super().build(query_shape, value_shape, key_shape)
-        from keras_sparse.convert import convert_layer
+        from keras_sparse.convert import HEADS_AXES, convert_layer
 
         if self._prune_heads:
-            # The output kernel is (heads, head_dim, output_dim): its units are heads.
-            object.__setattr__(self._output_dense, "_sparse_unit_axes", (0,))
-            convert_layer(self._output_dense, self._sparse_options.get_config())
+            options = self._sparse_options.get_config()
+            convert_layer(self._output_dense, options, unit_axes=HEADS_AXES)
             return
         for name in ("_query_dense", "_key_dense", "_value_dense", "_output_dense"):
             convert_layer(getattr(self, name), self._sparse_options.get_config())

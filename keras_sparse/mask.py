@@ -120,8 +120,10 @@ class MaskOptions:
         if granularity == "head":
             raise ValueError(
                 "Received an invalid value for `granularity`: 'head' prunes whole attention "
-                "heads and applies to `SparseMultiHeadAttention(..., granularity='head')` "
-                f"only; this layer takes one of {GRANULARITIES}. Received: granularity='head'"
+                "heads and applies to attention layers only: "
+                "`SparseMultiHeadAttention(..., granularity='head')`, or "
+                "`sparsify(model, select=keras.layers.MultiHeadAttention, granularity='head')`;"
+                f" this layer takes one of {GRANULARITIES}. Received: granularity='head'"
             )
         if granularity not in GRANULARITIES:
             raise ValueError(

@@ -574,13 +574,21 @@ def _why_not_followed(layer, node):
     return f"shrink does not remove the units of a {type(layer).__name__} layer"
 
 
-def _warn_about_nested_dead_units(model):
-    """Dead units inside nested models and custom layers stay: say so, not silently."""
+def _dead_heads(layer):
+    """How many heads of an attention layer have an all-zero slice of the output kernel."""
+    kernel = _to_numpy(layer._output_dense.kernel)  # (heads, head_dim, out)
+    return int(np.sum(~np.any(kernel.reshape(kernel.shape[0], -1) != 0, axis=1)))
+
+
+def _warn_about_nested_dead_units(model, shrunk_attention):
+    """Dead units inside nested models and custom layers, and dead heads of attention layers
+    shrink does not rebuild (`shrunk_attention`: the ids of those it does), stay: say so."""
     top = {id(layer) for layer in model.layers}
+    layers = [layer for layer, _ in walk(model) if layer.built]
     nested = [
         (layer, _dead_units(layer))
-        for layer, _ in walk(model)
-        if id(layer) not in top and isinstance(layer, _REPORTED) and layer.built
+        for layer in layers
+        if id(layer) not in top and isinstance(layer, _REPORTED)
     ]
     nested = [(layer, dead) for layer, dead in nested if dead]
     if nested:
@@ -589,6 +597,23 @@ def _warn_about_nested_dead_units(model):
         warnings.warn(
             f"shrink() left the dead units of {len(nested)} layer(s) inside nested models or "
             f"custom layers in place (it follows the top-level graph only): {names}{more}",
+            stacklevel=3,
+        )
+    attention = [
+        (layer, _dead_heads(layer))
+        for layer in layers
+        if isinstance(layer, keras.layers.MultiHeadAttention) and id(layer) not in shrunk_attention
+    ]
+    attention = [(layer, dead) for layer, dead in attention if dead]
+    if attention:
+        names = ", ".join(
+            f"'{layer.name}' ({type(layer).__name__}, {dead} of {layer.num_heads} heads)"
+            for layer, dead in attention
+        )
+        warnings.warn(
+            f"shrink() left the dead heads of {len(attention)} attention layer(s) in place: "
+            "it rebuilds top-level keras.layers.MultiHeadAttention layers only, not subclasses "
+            f"or those inside other layers (keras-hub blocks): {names}",
             stacklevel=3,
         )
 
@@ -893,7 +918,7 @@ def shrink(model):
             )
     order = {layer.name: i for i, layer in enumerate(stripped.layers)}
     rows.sort(key=lambda row: order[row.name])
-    _warn_about_nested_dead_units(stripped)
+    _warn_about_nested_dead_units(stripped, set(heads))
     return ShrinkResult(
         model=new_model,
         layers=tuple(rows),

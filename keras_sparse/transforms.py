@@ -146,7 +146,14 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
             `Model.quantize()` does); compile it again before training.
         **layer_kwargs: Pruning arguments for every converted layer, such as
             `structured=False`, `granularity="neuron"`, `temperature=...`,
-            `straight_through=True` (see `SparseLinear`).
+            `straight_through=True` (see `SparseLinear`). With
+            `granularity="head"`, each selected `MultiHeadAttention` (or
+            subclass, keras-hub's included) prunes whole heads, as
+            `SparseMultiHeadAttention(granularity="head")` does: its output
+            projection gets one threshold per head, and the other layers are
+            left as they are (`select` may name attention layers only; prune
+            the others in a second call, `inplace=True`, with their own
+            granularity).
 
     Returns:
         The converted model (a copy, not compiled, unless `inplace=True`).
@@ -155,7 +162,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
         TypeError: `model` is not a Keras model, `select` is of the wrong
             type, or `layer_kwargs` holds an unknown argument.
         ValueError: no convertible layer matched `select`, a pruning
-            argument is invalid, or the model is not built.
+            argument is invalid, the model is not built, or
+            `granularity="head"` met a selected layer without heads.
 
     Example:
 
@@ -168,6 +176,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     """
     _check_model(model, "sparsify")
     predicate = _selector(select)
+    if layer_kwargs.get("granularity") == "head":
+        return _sparsify_heads(model, select, predicate, inplace, layer_kwargs)
     options = convert.check_options(layer_kwargs).get_config()
     if not model.built:
         raise ValueError(
@@ -198,6 +208,71 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
         _warn_left_dense(target, refused, total)
     if inplace:
         # Compiled functions hold the stock layers' arithmetic.
+        target.train_function = target.test_function = target.predict_function = None
+    return target
+
+
+def _sparsify_heads(model, select, predicate, inplace, layer_kwargs):
+    """`sparsify(granularity="head")`: each selected attention layer prunes whole heads.
+
+    As in `SparseMultiHeadAttention(granularity="head")`, the output
+    projection gets one threshold per head (its kernel's heads axis is the
+    mask's unit axis) and the query, key and value projections stay dense:
+    `shrink()` removes a dead head's slices from all four.
+    """
+    options = convert.check_options({**layer_kwargs, "granularity": "neuron"}).get_config()
+    if not model.built:
+        raise ValueError(
+            f"`sparsify()` needs a built model; model '{model.name}' is not built. Call it "
+            "on data or build it with `keras.Input` first."
+        )
+    attention = keras.layers.MultiHeadAttention
+    found = walk(model)
+    layers = [layer for layer, _ in found]
+    if select is not None:
+        # Only attention layers have heads; a selected layer outside them is a mistake.
+        inside = {
+            id(sub) for layer in layers if isinstance(layer, attention) for sub, _ in walk(layer)
+        }
+        others = [
+            layer.name
+            for layer in layers
+            if weight_matrices(layer) and id(layer) not in inside and predicate(layer)
+        ]
+        if others:
+            raise ValueError(
+                "granularity='head' prunes whole heads of MultiHeadAttention layers only, "
+                f"but select={select!r} matched layers without heads: {others}. Select the "
+                "attention layers (select=keras.layers.MultiHeadAttention), and sparsify "
+                "the others in a second call with their own granularity."
+            )
+    candidates = [layer for layer in layers if isinstance(layer, attention) and predicate(layer)]
+    if not candidates:
+        names = [layer.name for layer in layers if isinstance(layer, attention)]
+        raise ValueError(
+            f"granularity='head' found no MultiHeadAttention layer matching select={select!r} "
+            f"in model '{model.name}' (its attention layers: {names})."
+        )
+    target = model if inplace else copy_model(model)
+    found = walk(target)
+    parents = {id(layer): parent for layer, parent in found}
+    chosen = [
+        layer
+        for layer, _ in found
+        if isinstance(layer, attention)
+        and predicate(layer)
+        and not isinstance(layer._output_dense, SparseKernelMixin)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"Every selected attention layer of model '{model.name}' is sparse already: "
+            "there is nothing to convert."
+        )
+    for layer in chosen:
+        output = layer._output_dense
+        convert.convert_layer(output, options, unit_axes=convert.HEADS_AXES)
+        convert.record_conversion(target, output, parents, options, convert.HEADS_AXES)
+    if inplace:
         target.train_function = target.test_function = target.predict_function = None
     return target
 

@@ -1,5 +1,6 @@
-"""Whole attention heads: `SparseMultiHeadAttention(granularity="head")`, and `shrink` removing
-them, against a NumPy reference of attention with those heads left out."""
+"""Whole attention heads: `SparseMultiHeadAttention(granularity="head")` and
+`sparsify(granularity="head")`, and `shrink` removing them, against a NumPy reference of
+attention with those heads left out."""
 
 import keras
 import numpy as np
@@ -127,8 +128,55 @@ def test_head_granularity_is_refused_where_there_are_no_heads():
     with pytest.raises(ValueError, match="SparseMultiHeadAttention"):
         ks.SparseLinear(4, granularity="head")
     model, _ = _model()
-    with pytest.raises(ValueError, match="SparseMultiHeadAttention"):
+    with pytest.raises(ValueError, match="sparse already"):
         ks.sparsify(model, granularity="head")
+    dense = keras.Sequential([keras.Input((5, WIDTH)), keras.layers.Dense(2, name="fc")])
+    with pytest.raises(ValueError, match=r"no MultiHeadAttention layer.*attention layers: \[\]"):
+        ks.sparsify(dense, granularity="head")
     _, attention = _model()
     with pytest.raises(ValueError, match="granularity='head'"):
         attention.alive_heads()
+
+
+def _stock_model():
+    inputs = keras.Input((5, WIDTH))
+    h = keras.layers.MultiHeadAttention(HEADS, KEY_DIM, name="attention")(inputs, inputs)
+    h = keras.layers.Dense(6, activation="relu", name="ffn")(h)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, outputs)
+
+
+def test_sparsify_heads_of_a_stock_attention_then_shrink_and_reload(tmp_path, x):
+    model = _stock_model()
+    sparse = ks.sparsify(model, granularity="head")
+    attention = sparse.get_layer("attention")
+    # Only the output projection is masked, one threshold per head; the rest stays stock.
+    assert tuple(attention._output_dense.threshold.shape) == (HEADS,)
+    assert [layer.name for layer in ks.sparse_layers(sparse)] == ["attention_output"]
+    np.testing.assert_allclose(to_numpy(sparse(x)), to_numpy(model(x)), atol=1e-6)
+    _prune_heads(attention, [0, 3])
+    np.testing.assert_allclose(
+        to_numpy(attention(x, x)), _attention_reference(attention, x, [1, 2]), atol=1e-5
+    )
+    path = tmp_path / "heads.keras"
+    sparse.save(path)
+    loaded = keras.saving.load_model(path)
+    again = loaded.get_layer("attention")._output_dense
+    assert tuple(again.threshold.shape) == (HEADS,)
+    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(sparse(x)), atol=1e-6)
+    result = ks.shrink(sparse)
+    assert result.model.get_layer("attention").num_heads == 2
+    np.testing.assert_allclose(to_numpy(result.model(x)), to_numpy(sparse(x)), atol=1e-5)
+
+
+def test_sparsify_heads_refuses_a_selection_without_heads_and_changes_nothing():
+    model = _stock_model()
+    before = [to_numpy(w) for w in model.weights]
+    with pytest.raises(ValueError, match=r"matched layers without heads: \['ffn'\]"):
+        ks.sparsify(model, select=["attention", "ffn"], granularity="head", inplace=True)
+    assert not ks.sparse_layers(model)
+    assert all(np.array_equal(a, to_numpy(w)) for a, w in zip(before, model.weights))
+    # The two-call recipe: heads, then the feed-forward's neurons.
+    sparse = ks.sparsify(model, select=keras.layers.MultiHeadAttention, granularity="head")
+    sparse = ks.sparsify(sparse, select="^ffn$", granularity="neuron", inplace=True)
+    assert [layer.name for layer in ks.sparse_layers(sparse)] == ["attention_output", "ffn"]

@@ -302,6 +302,28 @@ def test_a_weights_checkpoint_restores_a_fresh_sparsified_copy(kind, rng, tmp_pa
     np.testing.assert_allclose(outputs(fresh, x), outputs(sparse, x), rtol=1e-6, atol=1e-6)
 
 
+def test_keras_hub_attention_prunes_whole_heads_reloads_and_shrink_says_what_stays(rng, tmp_path):
+    model, x = build("bert", rng)
+    sparse = ks.sparsify(model, select=keras.layers.MultiHeadAttention, granularity="head")
+    masked = ks.sparse_layers(sparse)
+    # One output projection per encoder block, one threshold per head.
+    assert [tuple(layer.threshold.shape) for layer in masked] == [(2,), (2,)]
+    np.testing.assert_allclose(outputs(sparse, x), outputs(model, x), rtol=1e-6, atol=1e-6)
+    for layer in masked:  # the second head of each block pruned
+        layer.reset_threshold(np.array([0.0, 1e3], "float32"))
+        layer.hard_prune()
+        kernel = to_numpy(layer.kernel)
+        assert np.all(kernel[1] == 0) and np.all(kernel[0] != 0)
+    path = os.path.join(tmp_path, "heads.keras")
+    sparse.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert [tuple(layer.threshold.shape) for layer in ks.sparse_layers(reloaded)] == [(2,), (2,)]
+    np.testing.assert_allclose(outputs(reloaded, x), outputs(sparse, x), rtol=1e-6, atol=1e-6)
+    # The blocks rebuild their attention in code: shrink cannot remove the heads, and says so.
+    with pytest.warns(UserWarning, match=r"dead heads of 2 attention layer\(s\)"):
+        ks.shrink(sparse)
+
+
 def test_select_takes_classes_regexes_and_predicates():
     model = residual_cnn()
 
