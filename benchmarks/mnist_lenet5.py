@@ -13,7 +13,13 @@ sparsity is counted on the stripped model's kernels.
 
     python benchmarks/mnist_lenet5.py --backend jax --mnist DIR
 
-`--mnist` defaults to $KERAS_SPARSE_MNIST_DIR. Its TFMOT peer, on the same model,
+`--mnist` defaults to $KERAS_SPARSE_MNIST_DIR. For ablations, `--validation 1600` scores on the
+last 1,600 training images, held out, and `--scope`, `--end-fraction`, `--temperature`,
+`--straight-through`, `--per-weight` and `--min-density` vary the recipe:
+
+    python benchmarks/mnist_lenet5.py --methods sparse --targets 0.98 --validation 1600 \
+        --scope per_layer --out results/lenet5_ablation.json
+ Its TFMOT peer, on the same model,
 data and budget, is benchmarks/mnist_lenet5_tfmot.py. Writes
 results/lenet5_mnist_<backend>.json.
 """
@@ -21,6 +27,7 @@ results/lenet5_mnist_<backend>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -54,8 +61,50 @@ def build_parser(description=None):
     return parser
 
 
+def add_recipe_arguments(parser):
+    """The knobs of keras-sparse's recipe that an ablation varies, and where it is scored."""
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="score on the last N of the 8,000 training images, held out of training, "
+        "instead of the 2,000 test images (for ablations: never tune on the test split)",
+    )
+    parser.add_argument("--scope", default="global", choices=("global", "per_layer"))
+    parser.add_argument(
+        "--end-fraction",
+        type=float,
+        default=0.75,
+        help="the ramp's end (and the freeze) as a fraction of the steps",
+    )
+    parser.add_argument(
+        "--temperature",
+        default=None,
+        help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
+    )
+    parser.add_argument("--straight-through", action="store_true")
+    parser.add_argument(
+        "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
+    )
+    parser.add_argument("--min-density", type=float, default=0.01, help="the driver's floor")
+    return parser
+
+
+def recipe(args):
+    """The recipe options as given, for the JSON rows."""
+    return {
+        "scope": args.scope,
+        "end_fraction": args.end_fraction,
+        "temperature": args.temperature,
+        "straight_through": args.straight_through,
+        "per_weight": args.per_weight,
+        "min_density": args.min_density,
+        "validation": args.validation,
+    }
+
+
 def parse_args(argv=None, parser=None):
-    parser = parser or build_parser()
+    parser = parser or add_recipe_arguments(build_parser())
     args = parser.parse_args(argv)
     if not args.mnist:
         parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
@@ -89,6 +138,11 @@ def lenet5(conv, dense, keras):
     )
 
 
+def model_params(keras):
+    """The dense LeNet-5's parameter count (kernels and biases)."""
+    return lenet5(keras.layers.Conv2D, keras.layers.Dense, keras).count_params()
+
+
 def compile_model(model, keras):
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
@@ -115,17 +169,64 @@ def run_one(method, target, seed, args, data):
         final = model
         evaluated = None
     elif method == "sparse":
-        model = lenet5(ks.SparseConv2D, ks.SparseLinear, keras)
+        options = {"straight_through": args.straight_through, "structured": not args.per_weight}
+        model = lenet5(
+            functools.partial(ks.SparseConv2D, **options),
+            functools.partial(ks.SparseLinear, **options),
+            keras,
+        )
         compile_model(model, keras)
-        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * steps))
-        model.fit(x_train, y_train, callbacks=[ks.SparsityScheduler(schedule)], **fit)
+        end = int(args.end_fraction * steps)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
+        temperature = None
+        if args.temperature:
+            initial, final = (float(t) for t in args.temperature.split(","))
+            temperature = ks.ExponentialTemperature(initial, final, begin_step=0, end_step=end)
+        driver = ks.SparsityScheduler(
+            schedule, scope=args.scope, temperature=temperature, min_density=args.min_density
+        )
+        model.fit(x_train, y_train, callbacks=[driver], **fit)
         evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
+        compile_model(final, keras)
+    elif method == "neuron":
+        # Whole channels and neurons: `target` of each of conv1, conv2, fc1 and fc2 (the
+        # classes stay), then `shrink` removes them.
+        model = lenet5(
+            functools.partial(ks.SparseConv2D, granularity="neuron"),
+            lambda units, name, **kw: (
+                keras.layers.Dense(units, name=name, **kw)
+                if name == "out"
+                else ks.SparseLinear(units, name=name, granularity="neuron", **kw)
+            ),
+            keras,
+        )
+        compile_model(model, keras)
+        end = int(args.end_fraction * steps)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
+        driver = ks.SparsityScheduler(schedule, scope="per_layer")
+        model.fit(x_train, y_train, callbacks=[driver], **fit)
+        evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
+        final = ks.shrink(model).model
         compile_model(final, keras)
     else:
         raise ValueError(f"unknown method {method!r}")
     wall = time.perf_counter() - start
     accuracy = float(final.evaluate(x_test, y_test, verbose=0)[1])
+    if method == "neuron":
+        units = [int(layer.kernel.shape[-1]) for layer in final.layers if hasattr(layer, "kernel")]
+        return {
+            "method": method,
+            "backend": keras.backend.backend(),
+            "target": target,
+            "seed": seed,
+            "accuracy": accuracy,
+            "evaluated_accuracy": evaluated,
+            "units": units,  # conv1, conv2, fc1, fc2, out after the shrink
+            "weights_kept": int(final.count_params()) / int(model_params(keras)),
+            "wall_s": wall,
+            **recipe(args),
+        }
     kernels = [
         keras.ops.convert_to_numpy(layer.kernel)
         for layer in final.layers
@@ -142,6 +243,7 @@ def run_one(method, target, seed, args, data):
         "sparsity": 1.0 - nonzero / LENET5_WEIGHTS,
         "layer_density": [round(np.count_nonzero(k) / k.size, 4) for k in kernels],
         "wall_s": wall,
+        **recipe(args),
     }
     if evaluated is not None:
         row["evaluated_accuracy"] = evaluated
@@ -156,10 +258,12 @@ def median_rows(rows):
     for (method, backend, target), group in groups.items():
         entry = {"method": method, "backend": backend, "target": target}
         entry["seeds"] = [r["seed"] for r in group]
-        for key in ("accuracy", "sparsity", "wall_s", "evaluated_accuracy"):
+        for key in ("accuracy", "sparsity", "weights_kept", "wall_s", "evaluated_accuracy"):
             if key in group[0]:
                 entry[key] = statistics.median(r[key] for r in group)
-        entry["layer_density"] = group[0]["layer_density"]
+        for key in ("layer_density", "units"):
+            if key in group[0]:
+                entry[key] = group[0][key]
         summary.append(entry)
     return summary
 
@@ -169,6 +273,10 @@ def main(argv=None):
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     data = load_data(args.mnist)
+    if args.validation:
+        (x_train, y_train), _ = data
+        n = args.validation
+        data = (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
@@ -177,10 +285,12 @@ def main(argv=None):
             for seed in seeds:
                 row = run_one(method, target, seed, args, data)
                 rows.append(row)
+                reached = (
+                    f"units={row['units']}" if "units" in row else f"sparsity={row['sparsity']:.4f}"
+                )
                 print(
                     f"[{args.backend}] {method:6s} target={target:.2f} seed={seed} "
-                    f"acc={row['accuracy']:.4f} sparsity={row['sparsity']:.4f} "
-                    f"wall={row['wall_s']:.1f}s",
+                    f"acc={row['accuracy']:.4f} {reached} wall={row['wall_s']:.1f}s",
                     flush=True,
                 )
     out = Path(args.out) if args.out else RESULTS / f"lenet5_mnist_{args.backend}.json"

@@ -25,6 +25,8 @@ pruned, as for keras-sparse and TFMOT. Training is Keras `fit` with PQuantML's
   accuracy; `selected` in the JSON).
 * `pdp`: its exact target, one pretraining epoch (its global magnitude budget is set after
   it), the ramp (`epsilon` = 1 / pruning epochs) to the target, then fine-tuning.
+* `dense` (`--methods dense`): the same PQuantML layers, callback and epochs with pruning
+  off: the baseline PQuantML's pruned runs start from.
 
 After training, `apply_final_compression` writes the masked kernels; the weights are then
 copied into the stock Keras model of benchmarks/mnist_vit.py (PQuantML has no strip to stock
@@ -73,9 +75,13 @@ def pquant_config(method, epochs, value):
     """PQuantML's default config of `method`, quantization off, on this benchmark's budget."""
     import pquant
 
-    config = {"dst": pquant.dst_config, "cs": pquant.cs_config, "pdp": pquant.pdp_config}
-    config = config[method]().get_dict()
+    configs = {"dst": pquant.dst_config, "cs": pquant.cs_config, "pdp": pquant.pdp_config}
+    # "dense": the same PQuantML layers and training loop with pruning off, the baseline
+    # its pruned runs start from.
+    config = configs.get(method, pquant.cs_config)().get_dict()
     config["quantization_parameters"]["enable_quantization"] = False
+    if method == "dense":
+        config["pruning_parameters"]["enable_pruning"] = False
     pruning = round(0.75 * epochs)
     training = config["training_parameters"]
     training.update(rounds=1, rewind="never", save_weights_epoch=-1)
@@ -87,6 +93,7 @@ def pquant_config(method, epochs, value):
         config["pruning_parameters"].update(sparsity=value, epsilon=1.0 / (pruning - 1))
     else:
         training.update(pretraining_epochs=0, epochs=pruning, fine_tuning_epochs=epochs - pruning)
+    if method in ("dst", "cs"):
         key = "alpha" if method == "dst" else "threshold_decay"
         config["pruning_parameters"][key] = value
     return pquant.PQConfig.load_from_config(config)
@@ -177,7 +184,7 @@ def run_one(method, value, seed, args, data):
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     config = pquant_config(method, args.epochs, value)
-    model = pq_vit(config, args.prune_qkv)
+    model = pq_vit(config, args.prune_qkv and method != "dense")
     bench.compile_model(model, keras)
     callback = PQuantCallback(config, log_ebops=False, log_keep_ratio=False)
     assert callback.total_epochs == args.epochs
@@ -203,8 +210,8 @@ def run_one(method, value, seed, args, data):
     return {
         "method": f"pquant_{method}",
         "backend": f"pquant-ml {pquant_version()}, keras {keras.__version__} tensorflow",
-        "target": value if method == "pdp" else None,
-        "coefficient": None if method == "pdp" else value,
+        "target": None if method in ("dst", "cs") else value,
+        "coefficient": value if method in ("dst", "cs") else None,
         "seed": seed,
         "accuracy": accuracy,
         "sparsity": sparsity,
@@ -247,6 +254,7 @@ def main(argv=None):
         "dst": [float(a) for a in args.dst_alphas.split(",")],
         "cs": [float(d) for d in args.cs_decays.split(",")],
         "pdp": targets,
+        "dense": [0.0],
     }
     out = Path(args.out) if args.out else bench.RESULTS / "vit_mnist_pquant.json"
     rows, earlier = bench.earlier_runs(args, out)
@@ -262,8 +270,9 @@ def main(argv=None):
                     flush=True,
                 )
                 chosen = select(rows, targets)
-                summary = [r for r in rows if r["method"] == "pquant_pdp"] + chosen
+                exact = [r for r in rows if r["method"] in ("pquant_pdp", "pquant_dense")]
                 drop = ("out", "backend", "mnist", "append")
+                summary = exact + chosen
                 bench.write_results(rows, args, out, drop, summary=summary, earlier=earlier)
 
 
