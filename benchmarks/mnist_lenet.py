@@ -53,6 +53,19 @@ def parse_args(argv=None):
     parser.add_argument(
         "--out", default=None, help="JSON output (default results/mnist_<backend>.json)"
     )
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="score on the last N of the 8,000 training images, held out of training, "
+        "instead of the 2,000 test images (for ablations: never tune on the test split)",
+    )
+    parser.add_argument(
+        "--min-density",
+        type=float,
+        default=None,
+        help="the driver's floor (default: SparsityScheduler's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -93,6 +106,13 @@ def compile_model(model):
     )
 
 
+def driver(schedule, args):
+    import keras_sparse as ks
+
+    floor = {} if args.min_density is None else {"min_density": args.min_density}
+    return ks.SparsityScheduler(schedule, **floor)
+
+
 def run_one(method, target, seed, args, data):
     import keras
     import numpy as np
@@ -114,9 +134,7 @@ def run_one(method, target, seed, args, data):
         model = lenet(ks.SparseLinear)
         compile_model(model)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * total_steps))
-        model.fit(
-            x_train, y_train, epochs=args.epochs, callbacks=[ks.SparsityScheduler(schedule)], **fit
-        )
+        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[driver(schedule, args)], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.strip(model)
         compile_model(final)
@@ -124,9 +142,7 @@ def run_one(method, target, seed, args, data):
         model = lenet(neuron_layer)
         compile_model(model)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * total_steps))
-        model.fit(
-            x_train, y_train, epochs=args.epochs, callbacks=[ks.SparsityScheduler(schedule)], **fit
-        )
+        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[driver(schedule, args)], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.shrink(model).model
         compile_model(final)
@@ -210,6 +226,10 @@ def main(argv=None):
     from keras_sparse.datasets import load_mnist
 
     data = load_mnist(args.data)
+    if args.validation:
+        (x_train, y_train), _ = data
+        n = args.validation
+        data = (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
     targets = [float(t) for t in args.targets.split(",")]
     neuron_targets = [float(t) for t in args.neuron_targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

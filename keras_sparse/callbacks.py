@@ -27,6 +27,13 @@ from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, Spa
 from keras_sparse.walk import display_names, sparse_layers
 
 _SCOPES = ("global", "per_layer")
+
+
+def default_min_density(final_sparsity):
+    """`SparsityScheduler`'s default floor: a tenth of the final density, at most 1%."""
+    return min(0.01, 0.1 * (1.0 - float(final_sparsity)))
+
+
 _STEP, _LOG_PENALTY, _DENSITY, _SCALE, _FROZEN = range(len(STATE_FIELDS))
 
 
@@ -94,7 +101,13 @@ class SparsityScheduler(keras.callbacks.Callback):
             per-weight threshold from learning: it gets gradient from its own
             weight only) and for `granularity="neuron"` (whose threshold
             likewise sees one number, the unit's RMS).
-        min_density: Per-mask floor on the density. Defaults to `0.01`.
+        min_density: Per-mask floor on the density. Defaults to a tenth of
+            the final target's density, at most 1%:
+            `min(0.01, 0.1 * (1 - final_sparsity))`, so 1% up to a 90%
+            target and 0.1% at 99%. A floor near the target's mean density
+            binds the largest layer and pushes the cut onto the small ones
+            (a 1% floor at a 99% target leaves an MLP's output layer a few
+            weights).
         freeze_at_end: Freeze and hard-prune every mask at
             `schedule.end_step`. Defaults to `True`.
         gain: Feedback gain: how many e-folds `log(penalty)` moves over the
@@ -130,7 +143,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         schedule,
         scope="global",
         temperature=None,
-        min_density=0.01,
+        min_density=None,
         freeze_at_end=True,
         gain=200.0,
         relax=0.1,
@@ -154,6 +167,11 @@ class SparsityScheduler(keras.callbacks.Callback):
                 f"Received an invalid value for `scope`, expected one of {_SCOPES}. "
                 f"Received: scope={scope!r}"
             )
+        self._default_floor = min_density is None
+        if min_density is None:
+            # The final target without the schedule's steps (epochs and fractions are
+            # resolved at train begin, where the floor is set again from the schedule).
+            min_density = default_min_density(getattr(schedule, "target_sparsity", 0.0))
         if not (
             isinstance(min_density, (int, float, np.number))
             and not isinstance(min_density, bool)
@@ -205,6 +223,8 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._steps = self._resolved_schedule()
+        if self._default_floor:
+            self.min_density = default_min_density(self._steps.final_sparsity)
         layers = self._requested_layers or sparse_layers(self.model)
         if not layers:
             raise ValueError(

@@ -183,7 +183,8 @@ def feedback_step(log_penalty, densities, sizes, target, scope="global", **optio
     `[-1, 1]`; `log(penalty)` moves by `gain / ramp` times it per step (`relax` times that
     when the model is sparser than the target), within `[min_penalty, max_penalty]`; the
     strength pushes only while the model is denser than a positive target, shared in
-    proportion to size (`"global"`), and never on a mask at or below `min_density`.
+    proportion to size (`"global"`), and never on a mask at or below `min_density`
+    (by default a tenth of `final_target`'s density, at most 0.01).
     """
     gain = options.get("gain", 200.0)
     relax = options.get("relax", 0.1)
@@ -191,7 +192,9 @@ def feedback_step(log_penalty, densities, sizes, target, scope="global", **optio
     update_every = options.get("update_every", 1)
     low = np.log(options.get("min_penalty", 1e-6))
     high = np.log(options.get("max_penalty", 1e3))
-    min_density = options.get("min_density", 0.01)
+    # The default floor: a tenth of the final target's density, at most 1%.
+    final = options.get("final_target", target)
+    min_density = options.get("min_density", min(0.01, 0.1 * (1.0 - final)))
     densities, sizes = np.asarray(densities, float), np.asarray(sizes, float)
     measured = float(np.sum(densities * sizes) / np.sum(sizes))
     if target <= 0:

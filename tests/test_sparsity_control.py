@@ -706,3 +706,31 @@ def test_frozen_masks_stop_counting_at_the_last_step_of_a_short_chunk(rng):
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.5, begin_step=0, end_step=1))
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[scheduler])
     assert scheduler.frozen and scheduler.step == 3
+
+
+def test_the_default_floor_is_a_tenth_of_the_final_density_at_most_one_percent(rng):
+    # Up to a 90% target the floor is 1%; above, a tenth of the final density.
+    assert ks.SparsityScheduler(0.5).min_density == pytest.approx(0.01)
+    assert ks.SparsityScheduler(0.9).min_density == pytest.approx(0.01)
+    assert ks.SparsityScheduler(ks.PolynomialDecay(0.99, 0, 10)).min_density == pytest.approx(1e-3)
+    assert ks.SparsityScheduler(0.99, min_density=0.05).min_density == 0.05
+    # A mask at 0.5% density, denser than a 99.8% target, is still pushed: a 1% floor would
+    # stop it there.
+    model = keras.Sequential([keras.Input((20,)), ks.SparseLinear(10, name="fc")])
+    (layer,) = ks.sparse_layers(model)
+    layer.kernel.assign(rng.normal(size=(20, 10)).astype("float32"))
+    keep_largest(layer, 1)
+    scheduler = ks.SparsityScheduler(
+        ks.ConstantSparsity(0.998, begin_step=0), freeze_at_end=False, update_every=1
+    )
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = np.ones((4, 20), "float32"), np.ones((4, 10), "float32")
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[scheduler])
+    assert scheduler.min_density == pytest.approx(2e-4)
+    _, (expected,) = reference.feedback_step(math.log(1e-3), [1 / 200], [200], 0.998)
+    assert expected > 0
+    assert float(to_numpy(layer.sparsity_penalty)) == pytest.approx(expected, rel=1e-4)
+    # Schedules in epochs learn their final target at train begin.
+    later = ks.SparsityScheduler(ks.PolynomialDecay(0.995, end_epoch=1), freeze_at_end=False)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[later])
+    assert later.min_density == pytest.approx(5e-4)
