@@ -86,7 +86,12 @@ def add_recipe_arguments(parser):
     parser.add_argument(
         "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
     )
-    parser.add_argument("--min-density", type=float, default=0.01, help="the driver's floor")
+    parser.add_argument(
+        "--min-density",
+        type=float,
+        default=None,
+        help="the driver's floor (default: SparsityScheduler's)",
+    )
     return parser
 
 
@@ -182,9 +187,8 @@ def run_one(method, target, seed, args, data):
         if args.temperature:
             initial, final = (float(t) for t in args.temperature.split(","))
             temperature = ks.ExponentialTemperature(initial, final, begin_step=0, end_step=end)
-        driver = ks.SparsityScheduler(
-            schedule, scope=args.scope, temperature=temperature, min_density=args.min_density
-        )
+        floor = {} if args.min_density is None else {"min_density": args.min_density}
+        driver = ks.SparsityScheduler(schedule, scope=args.scope, temperature=temperature, **floor)
         model.fit(x_train, y_train, callbacks=[driver], **fit)
         evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
