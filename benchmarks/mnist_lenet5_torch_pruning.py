@@ -114,7 +114,11 @@ def run_one(units, seed, args, data):
     start = time.perf_counter()
     train(model, x_train, y_train, dense_epochs, args.batch_size, generator)
     widths = [layer.weight.shape[0] for layer in layers]
-    ratios = {layer: 1.0 - kept / width for layer, kept, width in zip(layers[:4], units, widths)}
+    # Torch-Pruning rounds `ratio * width` up: a hair below each exact ratio keeps `kept`.
+    ratios = {
+        layer: (width - kept) / width - 1e-6
+        for layer, kept, width in zip(layers[:4], units, widths)
+    }
     pruner = tp.pruner.MagnitudePruner(
         model,
         example_inputs=x_train[:1],
@@ -124,6 +128,8 @@ def run_one(units, seed, args, data):
     )
     pruner.step()
     kept = [layer.weight.shape[0] for layer in weight_layers(model)]
+    if kept[:4] != list(units[:4]):
+        raise RuntimeError(f"Torch-Pruning kept {kept}, not the matched {units}")
     train(model, x_train, y_train, args.epochs - dense_epochs, args.batch_size, generator)
     wall = time.perf_counter() - start
     model.eval()
