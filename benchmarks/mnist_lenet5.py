@@ -15,7 +15,7 @@ sparsity is counted on the stripped model's kernels.
 
 `--mnist` defaults to $KERAS_SPARSE_MNIST_DIR. For ablations, `--validation 1600` scores on the
 last 1,600 training images, held out, and `--scope`, `--end-fraction`, `--temperature`,
-`--straight-through`, `--per-weight` and `--min-density` vary the recipe:
+`--straight-through`, `--per-weight`, `--min-density` and `--update-every` vary the recipe:
 
     python benchmarks/mnist_lenet5.py --methods sparse --targets 0.98 --validation 1600 \
         --scope per_layer --out results/lenet5_ablation.json
@@ -86,6 +86,7 @@ def add_recipe_arguments(parser):
     parser.add_argument(
         "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
     )
+    parser.add_argument("--update-every", type=int, default=None, help="the driver's update_every")
     parser.add_argument(
         "--min-density",
         type=float,
@@ -104,6 +105,7 @@ def recipe(args):
         "straight_through": args.straight_through,
         "per_weight": args.per_weight,
         "min_density": args.min_density,
+        "update_every": args.update_every,
         "validation": args.validation,
     }
 
@@ -187,8 +189,9 @@ def run_one(method, target, seed, args, data):
         if args.temperature:
             initial, final = (float(t) for t in args.temperature.split(","))
             temperature = ks.ExponentialTemperature(initial, final, begin_step=0, end_step=end)
-        floor = {} if args.min_density is None else {"min_density": args.min_density}
-        driver = ks.SparsityScheduler(schedule, scope=args.scope, temperature=temperature, **floor)
+        given = {"min_density": args.min_density, "update_every": args.update_every}
+        given = {key: value for key, value in given.items() if value is not None}
+        driver = ks.SparsityScheduler(schedule, scope=args.scope, temperature=temperature, **given)
         model.fit(x_train, y_train, callbacks=[driver], **fit)
         evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
