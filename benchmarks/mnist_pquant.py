@@ -24,7 +24,6 @@ runs to it).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from _by_path import load_module
@@ -102,27 +101,12 @@ def run_one(method, value, seed, args, data):
     import keras
     import numpy as np
     import pquant
-    from pquant.core.keras.train import PQuantCallback
 
-    (x_train, y_train), (x_test, y_test) = data
+    _, (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     config = vit_peer.pquant_config(method, args.epochs, value)
     model = pquant.add_compression_layers(stock_model(args.model, keras), config)
-    lenet5_bench.compile_model(model, keras)
-    callback = PQuantCallback(config, log_ebops=False, log_keep_ratio=False)
-    assert callback.total_epochs == args.epochs
-    start = time.perf_counter()
-    model.fit(
-        x_train,
-        y_train,
-        batch_size=args.batch_size,
-        epochs=callback.total_epochs,
-        verbose=0,
-        callbacks=[callback],
-    )
-    wall = time.perf_counter() - start
-    # PQuantCallback applied the final compression at the end of training.
-    evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
+    wall, evaluated = vit_peer.train(model, config, args, data)
     # PQuantML has no strip to stock layers: its compressed kernels, in order, go to a fresh
     # stock model (the weight layers are in the same order; activations and pools hold none).
     final = stock_model(args.model, keras)

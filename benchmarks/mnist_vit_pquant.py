@@ -175,16 +175,15 @@ def try_add_compression_layers(config):
     return f"converted: {[type(layer).__name__ for layer in converted.layers]}"
 
 
-def run_one(method, value, seed, args, data):
+def train(model, config, args, data):
+    """Compile and fit `model` with PQuantML's callback on the benchmark's budget.
+
+    Returns the training wall time and the test accuracy of the compressed model
+    (PQuantCallback applies the final compression at the end of training)."""
     import keras
-    import numpy as np
-    import pquant
     from pquant.core.keras.train import PQuantCallback
 
     (x_train, y_train), (x_test, y_test) = data
-    keras.utils.set_random_seed(seed)
-    config = pquant_config(method, args.epochs, value)
-    model = pq_vit(config, args.prune_qkv and method != "dense")
     bench.compile_model(model, keras)
     callback = PQuantCallback(config, log_ebops=False, log_keep_ratio=False)
     assert callback.total_epochs == args.epochs
@@ -198,8 +197,19 @@ def run_one(method, value, seed, args, data):
         callbacks=[callback],
     )
     wall = time.perf_counter() - start
-    # PQuantCallback applied the final compression at the end of training.
-    evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
+    return wall, float(model.evaluate(x_test, y_test, verbose=0)[1])
+
+
+def run_one(method, value, seed, args, data):
+    import keras
+    import numpy as np
+    import pquant
+
+    _, (x_test, y_test) = data
+    keras.utils.set_random_seed(seed)
+    config = pquant_config(method, args.epochs, value)
+    model = pq_vit(config, args.prune_qkv and method != "dense")
+    wall, evaluated = train(model, config, args, data)
     final = to_stock(model)
     probe = x_test[:256]
     gap = np.abs(model.predict(probe, verbose=0) - final.predict(probe, verbose=0))

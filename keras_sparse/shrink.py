@@ -575,9 +575,9 @@ def _why_not_followed(layer, node):
 
 
 def _dead_heads(layer):
-    """How many heads of an attention layer have an all-zero slice of the output kernel."""
+    """Per head of an attention layer, whether its slice of the output kernel is all zero."""
     kernel = _to_numpy(layer._output_dense.kernel)  # (heads, head_dim, out)
-    return int(np.sum(~np.any(kernel.reshape(kernel.shape[0], -1) != 0, axis=1)))
+    return ~np.any(kernel.reshape(kernel.shape[0], -1) != 0, axis=1)
 
 
 def _warn_about_nested_dead_units(model, shrunk_attention):
@@ -600,7 +600,7 @@ def _warn_about_nested_dead_units(model, shrunk_attention):
             stacklevel=3,
         )
     attention = [
-        (layer, _dead_heads(layer))
+        (layer, int(_dead_heads(layer).sum()))
         for layer in layers
         if isinstance(layer, keras.layers.MultiHeadAttention) and id(layer) not in shrunk_attention
     ]
@@ -808,8 +808,7 @@ def shrink(model):
     heads = {}  # id(attention layer) -> keep mask of its heads, and why a dead one stays
     for layer in stripped.layers:
         if type(layer) is keras.layers.MultiHeadAttention and layer.built:
-            output_kernel = _to_numpy(layer._output_dense.kernel)  # (heads, head_dim, out)
-            dead = ~np.any(output_kernel.reshape(output_kernel.shape[0], -1) != 0, axis=1)
+            dead = _dead_heads(layer)
             reason = None
             if dead.all():
                 dead[0] = False
