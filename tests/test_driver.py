@@ -203,30 +203,26 @@ def _driven_run(run_eagerly, every=3, epochs=2):
     return m, scheduler, recorder
 
 
-@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
 @pytest.mark.slow
-def test_update_every_updates_on_due_steps_only_and_counts_every_step(run_eagerly):
-    every, epochs = 3, 2
-    m, scheduler, recorder = _driven_run(run_eagerly, every, epochs)
-    steps = epochs * STEPS_PER_EPOCH
-    # The temperature rises on due steps (0, 3, 6, ...) and holds in between.
-    temperatures = np.array(recorder.temperatures)
-    changed = np.flatnonzero(np.diff(temperatures) != 0) + 1
-    np.testing.assert_array_equal(changed, np.arange(every, steps, every))
-    penalties = np.array(recorder.penalties)
-    moved = np.flatnonzero(np.any(np.diff(penalties, axis=0) != 0, axis=1)) + 1
-    assert set(moved) <= set(range(every, steps, every)), moved
-    assert len(moved) > 0
-    # The masks count every step, driven or not.
-    for mask in ks.kernel_masks(m):
-        assert int(to_numpy(mask.state("step"))) == steps
-    assert scheduler.step == steps
-
-
-def test_eager_and_compiled_steps_drive_alike():
+def test_update_every_updates_on_due_steps_only_and_eager_and_compiled_steps_drive_alike():
     # Eager steps decide on the host which steps update; compiled ones in the graph.
-    _, _, compiled_run = _driven_run(run_eagerly=False)
-    _, _, eager_run = _driven_run(run_eagerly=True)
+    every, epochs = 3, 2
+    steps = epochs * STEPS_PER_EPOCH
+    runs = {eager: _driven_run(eager, every, epochs) for eager in (False, True)}
+    for m, scheduler, recorder in runs.values():
+        # The temperature rises on due steps (0, 3, 6, ...) and holds in between.
+        temperatures = np.array(recorder.temperatures)
+        changed = np.flatnonzero(np.diff(temperatures) != 0) + 1
+        np.testing.assert_array_equal(changed, np.arange(every, steps, every))
+        penalties = np.array(recorder.penalties)
+        moved = np.flatnonzero(np.any(np.diff(penalties, axis=0) != 0, axis=1)) + 1
+        assert set(moved) <= set(range(every, steps, every)), moved
+        assert len(moved) > 0
+        # The masks count every step, driven or not.
+        for mask in ks.kernel_masks(m):
+            assert int(to_numpy(mask.state("step"))) == steps
+        assert scheduler.step == steps
+    (_, _, compiled_run), (_, _, eager_run) = runs[False], runs[True]
     np.testing.assert_allclose(eager_run.temperatures, compiled_run.temperatures, rtol=1e-6)
     np.testing.assert_allclose(eager_run.penalties, compiled_run.penalties, rtol=1e-4, atol=1e-9)
 
