@@ -66,6 +66,12 @@ def parse_args(argv=None):
         default=None,
         help="the driver's floor (default: SparsityScheduler's)",
     )
+    parser.add_argument(
+        "--update-every",
+        type=int,
+        default=None,
+        help="the driver's update_every (default: SparsityScheduler's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,8 +115,8 @@ def compile_model(model):
 def driver(schedule, args):
     import keras_sparse as ks
 
-    floor = {} if args.min_density is None else {"min_density": args.min_density}
-    return ks.SparsityScheduler(schedule, **floor)
+    given = {"min_density": args.min_density, "update_every": args.update_every}
+    return ks.SparsityScheduler(schedule, **{k: v for k, v in given.items() if v is not None})
 
 
 def run_one(method, target, seed, args, data):

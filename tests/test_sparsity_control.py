@@ -78,6 +78,10 @@ def test_scheduler_refuses_bad_arguments():
         ks.SparsityScheduler(0.5, update_every=0)
     with pytest.raises(ValueError, match=r"update_every=2.5"):
         ks.SparsityScheduler(0.5, update_every=2.5)
+    with pytest.raises(ValueError, match=r"gain=0.0"):
+        ks.SparsityScheduler(0.5, gain=0.0)
+    with pytest.raises(ValueError, match=r"relax=-0.1"):
+        ks.SparsityScheduler(0.5, relax=-0.1)
     with pytest.raises(ValueError, match=r"min_penalty=0.0, initial_penalty"):
         ks.SparsityScheduler(0.5, min_penalty=0.0)
     with pytest.raises(ValueError, match=r"initial_penalty=1e-07"):
@@ -373,8 +377,9 @@ def test_scheduler_anneals_the_temperature_relative_to_weight_scale():
     hidden = ks.sparse_layers(model)[0]
     std = float(np.std(to_numpy(hidden.kernel)))
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[scheduler])
-    # Updates run every 10 steps (the default): the last of 16 steps was at step 10.
-    assert hidden.temperature == pytest.approx(temperature(10) / std, rel=1e-4)
+    # On a 32-step ramp the feedback updates every step (the default): the last of 16 steps
+    # was step 15.
+    assert hidden.temperature == pytest.approx(temperature(15) / std, rel=1e-4)
 
 
 # ---------------------------------------------- the feedback law, step by step
@@ -734,3 +739,26 @@ def test_the_default_floor_is_a_tenth_of_the_final_density_at_most_one_percent(r
     later = ks.SparsityScheduler(ks.PolynomialDecay(0.995, end_epoch=1), freeze_at_end=False)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[later])
     assert later.min_density == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    "end_step, gain, expected",
+    [(100, 200.0, 1), (1599, 200.0, 1), (1890, 200.0, 2), (9000, 200.0, 10), (9000, 400.0, 5)],
+)
+def test_the_default_update_interval_keeps_one_update_within_a_quarter_e_fold(
+    end_step, gain, expected
+):
+    # One update moves log(penalty) by at most gain / ramp * update_every: the default
+    # interval is the largest that keeps this at most 1/4, between 1 and 10.
+    model = keras.Sequential([keras.Input((4,)), ks.SparseLinear(2)])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = np.ones((2, 4), "float32"), np.ones((2, 2), "float32")
+    schedule = ks.PolynomialDecay(0.9, begin_step=0, end_step=end_step)
+    scheduler = ks.SparsityScheduler(schedule, gain=gain, freeze_at_end=False)
+    given = ks.SparsityScheduler(schedule, update_every=3, freeze_at_end=False)
+    for driver in (scheduler, given):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the schedule does not finish in one step
+            model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[driver])
+    assert scheduler.update_every == expected
+    assert given.update_every == 3
