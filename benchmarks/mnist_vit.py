@@ -17,6 +17,12 @@ weights are not kernels and are left out of both numerator and denominator).
 
     python benchmarks/mnist_vit.py --backend jax --mnist DIR
 
+`--methods structure` prunes whole heads (`sparsify(..., granularity="head")`) and whole
+feed-forward neurons of each block's first Dense (`granularity="neuron"`), the target being
+the fraction of each layer's heads or neurons removed (`scope="per_layer"`), then hands over
+`keras_sparse.shrink(model)`: attention with fewer heads, narrower feed-forward layers. Its
+peer on the same architecture is benchmarks/mnist_vit_torch_pruning.py.
+
 `--mnist` defaults to $KERAS_SPARSE_MNIST_DIR. Its peers, on the same model, data and
 budget, are benchmarks/mnist_vit_tfmot.py (TFMOT) and benchmarks/mnist_vit_pquant.py
 (PQuantML). Writes results/vit_mnist_<backend>.json.
@@ -219,10 +225,35 @@ def run_one(method, target, seed, args, data):
         extra["evaluated_accuracy"] = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
         compile_model(final, keras)
+    elif method == "structure":
+        # Whole heads of each attention and whole neurons of each block's first
+        # feed-forward layer, `target` of each layer; `shrink` then removes them.
+        model = ks.sparsify(vit(keras), select=keras.layers.MultiHeadAttention, granularity="head")
+        model = ks.sparsify(model, select=r"^block\d+_mlp1$", granularity="neuron", inplace=True)
+        compile_model(model, keras)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * steps))
+        driver = ks.SparsityScheduler(schedule, scope="per_layer")
+        model.fit(x_train, y_train, callbacks=[driver], **fit)
+        extra["evaluated_accuracy"] = float(model.evaluate(x_test, y_test, verbose=0)[1])
+        final = ks.shrink(model).model
+        compile_model(final, keras)
     else:
         raise ValueError(f"unknown method {method!r}")
     wall = time.perf_counter() - start
     accuracy = float(final.evaluate(x_test, y_test, verbose=0)[1])
+    if method == "structure":
+        return {
+            "method": method,
+            "backend": keras.backend.backend(),
+            "target": target,
+            "seed": seed,
+            "accuracy": accuracy,
+            "heads": [final.get_layer(f"block{i}_attention").num_heads for i in range(BLOCKS)],
+            "ffn_units": [final.get_layer(f"block{i}_mlp1").units for i in range(BLOCKS)],
+            "weights_kept": final.count_params() / vit(keras).count_params(),
+            "wall_s": wall,
+            **extra,
+        }
     sparsity, density = count_sparsity(kernels_of(final))
     row = {
         "method": method,
@@ -271,10 +302,14 @@ def main(argv=None):
             for seed in seeds:
                 row = run_one(method, target, seed, args, data)
                 rows.append(row)
+                kept = (
+                    f"heads={row['heads']} ffn={row['ffn_units']}"
+                    if method == "structure"
+                    else f"sparsity={row['sparsity']:.4f}"
+                )
                 print(
                     f"[{args.backend}] {method:6s} target={target:.2f} seed={seed} "
-                    f"acc={row['accuracy']:.4f} sparsity={row['sparsity']:.4f} "
-                    f"wall={row['wall_s']:.1f}s",
+                    f"acc={row['accuracy']:.4f} {kept} wall={row['wall_s']:.1f}s",
                     flush=True,
                 )
                 # Written after every run, so a run cut short keeps what it measured.
