@@ -4,7 +4,7 @@ Runs in an environment with torch and torch-pruning (the tox env `torch-pruning`
 
     python benchmarks/mnist_lenet5_torch_pruning.py --mnist DIR \
         --match benchmarks/results/lenet5_neuron_jax.json
-    tox -e torch-pruning -- --mnist DIR
+    tox -e torch-pruning -- benchmarks/mnist_lenet5_torch_pruning.py --mnist DIR
 
 The same data (the fixed 8,000/2,000 split of MNIST-10k), network (LeNet-5 as
 benchmarks/mnist_lenet5.py builds it, in PyTorch, with Keras's initialisation: Glorot-uniform

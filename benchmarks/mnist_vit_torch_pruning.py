@@ -4,6 +4,7 @@ Runs in an environment with torch and torch-pruning (the tox env `torch-pruning`
 
     python benchmarks/mnist_vit_torch_pruning.py --mnist DIR \
         --match benchmarks/results/vit_structure_jax.json
+    tox -e torch-pruning -- benchmarks/mnist_vit_torch_pruning.py --mnist DIR
 
 The same data (the fixed 8,000/2,000 split of MNIST-10k, cut into 16 patches of 7x7),
 network (the small vision transformer of benchmarks/mnist_vit.py in PyTorch: the same
