@@ -54,6 +54,11 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default=str(RESULTS / "vit_structure_torch_pruning.json"))
+    parser.add_argument(
+        "--dense-seeds",
+        default="0,1,2",
+        help="seeds of a dense PyTorch ViT trained for all the epochs, a baseline ('' for none)",
+    )
     args = parser.parse_args(argv)
     if not args.mnist:
         parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
@@ -187,6 +192,22 @@ def run_one(heads, ffn_units, seed, args, data):
     return {"accuracy": accuracy, "heads": kept[0], "ffn_units": kept[1], "wall_s": wall}
 
 
+def dense_accuracy(seed, args, data):
+    """The PyTorch ViT trained dense for every epoch: the peer's own baseline."""
+    import torch
+
+    (x_train, y_train), (x_test, y_test) = [
+        (torch.from_numpy(x), torch.from_numpy(y).long()) for x, y in data
+    ]
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = vit()
+    lenet5_peer.train(model, x_train, y_train, args.epochs, args.batch_size, generator)
+    model.eval()
+    with torch.no_grad():
+        return float((model(x_test).argmax(1) == y_test).float().mean())
+
+
 def main(argv=None):
     import torch
 
@@ -217,6 +238,10 @@ def main(argv=None):
             f"keras-sparse acc={run['accuracy']:.4f}",
             flush=True,
         )
+    dense = []
+    for seed in [int(s) for s in args.dense_seeds.split(",") if s]:
+        dense.append({"seed": seed, "accuracy": dense_accuracy(seed, args, data)})
+        print(f"dense seed={seed} acc={dense[-1]['accuracy']:.4f}", flush=True)
     table = [
         "| heads and neurons removed (per layer) | heads / neurons kept per block (median) "
         "| keras-sparse head + neuron + shrink | Torch-Pruning magnitude + fine-tune |",
@@ -232,13 +257,19 @@ def main(argv=None):
             f"| {statistics.median(r['keras_sparse_accuracy'] for r in group):.2%} "
             f"| {statistics.median(r['torch_pruning_accuracy'] for r in group):.2%} |"
         )
+    if dense:
+        table.append(
+            f"| dense | {vit_benchmark.HEADS} / {vit_benchmark.MLP} | "
+            f"| {statistics.median(d['accuracy'] for d in dense):.2%} |"
+        )
     print("\n".join(table))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "mnist")}
     config["torch"] = torch.__version__
     config["torch_pruning"] = __import__("torch_pruning").__version__
-    out.write_text(json.dumps({"config": config, "runs": rows, "table": table}, indent=1))
+    result = {"config": config, "runs": rows, "dense": dense, "table": table}
+    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
 
