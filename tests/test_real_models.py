@@ -473,46 +473,54 @@ import keras
 import keras_sparse
 sys.path.insert(0, {tests!r})
 import test_real_models  # registers the test's custom classes
-model = keras.saving.load_model({path!r})
-x = np.load({inputs!r})
-y = model.predict(x, verbose=0)
-masks = {{m.prune_mask.path: np.asarray(keras.ops.convert_to_numpy(m.prune_mask)).tolist()
-          for layer in keras_sparse.sparse_layers(model) for m in layer.masks.values()}}
-print(json.dumps({{"y": np.asarray(y).tolist(), "masks": masks}}))
+results = {{}}
+for kind, (path, inputs) in {files!r}.items():
+    model = keras.saving.load_model(path)
+    y = model.predict(np.load(inputs), verbose=0)
+    masks = {{m.prune_mask.path: np.asarray(keras.ops.convert_to_numpy(m.prune_mask)).tolist()
+              for layer in keras_sparse.sparse_layers(model) for m in layer.masks.values()}}
+    results[kind] = {{"y": np.asarray(y).tolist(), "masks": masks}}
+print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("kind", ["residual_cnn", "attention"])
 @pytest.mark.slow
-def test_a_pruned_model_loads_on_another_backend(kind, rng, tmp_path):
-    model, x = build(kind, rng)
-    sparse, _ = sparsify_quietly(model)
-    prune_some(sparse, rng)
-    path, inputs = os.path.join(tmp_path, "m.keras"), os.path.join(tmp_path, "x.npy")
-    sparse.save(path)
-    np.save(inputs, x)
-    expected = outputs(sparse, x)
-    masks = {
-        m.prune_mask.path: to_numpy(m.prune_mask)
-        for layer in ks.sparse_layers(sparse)
-        for m in layer.masks.values()
-    }
-    # Each backend's run loads on the next one: the three runs cover every loader.
+def test_pruned_models_load_on_another_backend(rng, tmp_path):
+    files, expected = {}, {}
+    for kind in ("residual_cnn", "attention"):
+        model, x = build(kind, rng)
+        sparse, _ = sparsify_quietly(model)
+        prune_some(sparse, rng)
+        path = os.path.join(tmp_path, f"{kind}.keras")
+        inputs = os.path.join(tmp_path, f"{kind}.npy")
+        sparse.save(path)
+        np.save(inputs, x)
+        files[kind] = (path, inputs)
+        masks = {
+            m.prune_mask.path: to_numpy(m.prune_mask)
+            for layer in ks.sparse_layers(sparse)
+            for m in layer.masks.values()
+        }
+        expected[kind] = (outputs(sparse, x), masks)
+    # Each backend's run loads on the next one: the three runs cover every loader. Both
+    # models load in one process (a process start costs more than a load).
     order = ("tensorflow", "jax", "torch")
-    others = [order[(order.index(keras.backend.backend()) + 1) % len(order)]]
-    script = CROSS_BACKEND.format(tests=os.path.join(ROOT, "tests"), path=path, inputs=inputs)
-    for backend in others:
-        require({"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend])
-        process = subprocess.run(
-            [sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT},
-        )
-        assert process.returncode == 0, process.stderr[-3000:]
-        result = json.loads(process.stdout.strip().splitlines()[-1])
-        np.testing.assert_allclose(np.ravel(result["y"]), expected, rtol=1e-5, atol=1e-5)
+    backend = order[(order.index(keras.backend.backend()) + 1) % len(order)]
+    require(backend)
+    script = CROSS_BACKEND.format(tests=os.path.join(ROOT, "tests"), files=files)
+    process = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": ROOT},
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = json.loads(process.stdout.strip().splitlines()[-1])
+    assert sorted(results) == sorted(expected)
+    for kind, (y, masks) in expected.items():
+        result = results[kind]
+        np.testing.assert_allclose(np.ravel(result["y"]), y, rtol=1e-5, atol=1e-5)
         assert sorted(result["masks"]) == sorted(masks)
         for key, value in masks.items():
             np.testing.assert_array_equal(np.asarray(result["masks"][key]), value)
