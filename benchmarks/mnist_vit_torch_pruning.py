@@ -131,13 +131,26 @@ def kept_widths(model):
     )
 
 
+def as_tensors(data):
+    """The NumPy split as PyTorch tensors (labels as int64), converted once for every run."""
+    import torch
+
+    return [(torch.from_numpy(x), torch.from_numpy(y).long()) for x, y in data]
+
+
+def accuracy_on(model, x_test, y_test):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return float((model(x_test).argmax(1) == y_test).float().mean())
+
+
 def run_one(heads, ffn_units, seed, args, data):
     import torch
     import torch_pruning as tp
 
-    (x_train, y_train), (x_test, y_test) = [
-        (torch.from_numpy(x), torch.from_numpy(y).long()) for x, y in data
-    ]
+    (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = vit()
@@ -186,9 +199,7 @@ def run_one(heads, ffn_units, seed, args, data):
         model, x_train, y_train, args.epochs - dense_epochs, args.batch_size, generator
     )
     wall = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    accuracy = accuracy_on(model, x_test, y_test)
     return {"accuracy": accuracy, "heads": kept[0], "ffn_units": kept[1], "wall_s": wall}
 
 
@@ -196,16 +207,12 @@ def dense_accuracy(seed, args, data):
     """The PyTorch ViT trained dense for every epoch: the peer's own baseline."""
     import torch
 
-    (x_train, y_train), (x_test, y_test) = [
-        (torch.from_numpy(x), torch.from_numpy(y).long()) for x, y in data
-    ]
+    (x_train, y_train), (x_test, y_test) = data
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = vit()
     lenet5_peer.train(model, x_train, y_train, args.epochs, args.batch_size, generator)
-    model.eval()
-    with torch.no_grad():
-        return float((model(x_test).argmax(1) == y_test).float().mean())
+    return accuracy_on(model, x_test, y_test)
 
 
 def main(argv=None):
@@ -216,7 +223,7 @@ def main(argv=None):
     ours = [r for r in matched["runs"] if r["method"] == "structure"]
     if not ours:
         raise SystemExit(f"{args.match} has no structure run to match")
-    data = vit_benchmark.load_data(datasets.load_mnist, args.mnist)
+    data = as_tensors(vit_benchmark.load_data(datasets.load_mnist, args.mnist))
     rows = []
     for run in ours:
         result = run_one(run["heads"], run["ffn_units"], run["seed"], args, data)
