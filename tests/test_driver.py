@@ -186,8 +186,11 @@ def _driven_run(run_eagerly, every=3, epochs=2):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         run_eagerly=run_eagerly,
     )
+    # A rising temperature: it shows which steps updated.
     scheduler = ks.SparsityScheduler(
-        ks.PolynomialDecay(0.8, begin_step=0, end_step=100), update_every=every
+        ks.PolynomialDecay(0.8, begin_step=0, end_step=100),
+        temperature=ks.ExponentialTemperature(5.0, 200.0, begin_step=0, end_step=100),
+        update_every=every,
     )
     recorder = _EveryStep()
     x, y = data()

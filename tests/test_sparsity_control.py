@@ -540,6 +540,33 @@ def test_default_temperatures_rise_over_the_ramp_relative_to_the_alive_weights_s
         assert float(to_numpy(mask.state("weight_scale"))) == pytest.approx(scale, rel=1e-5)
 
 
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_with_the_freeze_per_unit_thresholds_stay_soft_globally_and_the_others_rise(scope):
+    # The default with `freeze_at_end=True`: a threshold per unit (weight granularity)
+    # keeps the relative temperature 5 over the ramp in the global scope and rises
+    # 5 -> 200 per layer, N:M rises 5 -> 200, a threshold per weight 2 -> 5
+    # (exponentially, from the ramp's begin at step 0 to its end at 4).
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            ks.SparseLinear(8, name="per_unit"),
+            ks.SparseLinear(4, granularity="n:m", n_m=(2, 4), name="n_m"),
+            ks.SparseLinear(3, structured=False, name="per_weight"),
+        ]
+    )
+    scales = [np.std(to_numpy(layer.kernel)) for layer in ks.sparse_layers(model)]
+    recorder = _Temperatures()
+    schedule = ks.PolynomialDecay(0.5, begin_step=0, end_step=4)
+    scheduler = ks.SparsityScheduler(schedule, scope=scope)
+    with pytest.warns(UserWarning, match="before the schedule's end"):
+        fit_without_learning(model, scheduler, steps=3, callbacks=[recorder])
+    progress = np.arange(3) / 4
+    rising = 5.0 * 40.0**progress
+    per_unit = np.full(3, 5.0) if scope == "global" else rising
+    relative = np.stack([per_unit, rising, 2.0 * 2.5**progress], axis=1)
+    np.testing.assert_allclose(recorder.seen, relative / np.array(scales), rtol=1e-5)
+
+
 def test_a_second_fit_resumes_the_step_the_penalty_and_the_weight_scale(rng):
     model = two_layer_model(rng)
     layers = ks.sparse_layers(model)
