@@ -72,6 +72,11 @@ def parse_args(argv=None):
         default=None,
         help="the driver's update_every (default: SparsityScheduler's)",
     )
+    parser.add_argument(
+        "--temperature",
+        default=None,
+        help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -112,10 +117,13 @@ def compile_model(model):
     )
 
 
-def driver(schedule, args):
+def driver(schedule, args, end_step):
     import keras_sparse as ks
 
     given = {"min_density": args.min_density, "update_every": args.update_every}
+    if args.temperature:
+        initial, final = (float(t) for t in args.temperature.split(","))
+        given["temperature"] = ks.ExponentialTemperature(initial, final, 0, end_step)
     return ks.SparsityScheduler(schedule, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -139,16 +147,20 @@ def run_one(method, target, seed, args, data):
     elif method == "sparse_linear":
         model = lenet(ks.SparseLinear)
         compile_model(model)
-        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * total_steps))
-        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[driver(schedule, args)], **fit)
+        end_step = int(0.75 * total_steps)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
+        scheduler = driver(schedule, args, end_step)
+        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.strip(model)
         compile_model(final)
     elif method == "sparse_linear_neuron":
         model = lenet(neuron_layer)
         compile_model(model)
-        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * total_steps))
-        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[driver(schedule, args)], **fit)
+        end_step = int(0.75 * total_steps)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
+        scheduler = driver(schedule, args, end_step)
+        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.shrink(model).model
         compile_model(final)

@@ -103,8 +103,25 @@ def earlier_runs(args, out):
     return previous["runs"], previous.get("earlier_configs", []) + [previous["config"]]
 
 
+def add_recipe_arguments(parser):
+    """keras-sparse's recipe knobs that an ablation varies, and where it is scored."""
+    parser.add_argument(
+        "--temperature",
+        default=None,
+        help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
+    )
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="score on the last N of the 8,000 training images, held out of training, "
+        "instead of the 2,000 test images (for ablations: never tune on the test split)",
+    )
+    return parser
+
+
 def parse_args(argv=None, parser=None):
-    parser = parser or build_parser()
+    parser = parser or add_recipe_arguments(build_parser())
     args = parser.parse_args(argv)
     if not args.mnist:
         parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
@@ -220,8 +237,14 @@ def run_one(method, target, seed, args, data):
         extra["coverage"] = report.coverage
         extra["left_dense"] = [str(getattr(d, "name", d)) for d in report.dense]
         compile_model(model, keras)
-        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * steps))
-        model.fit(x_train, y_train, callbacks=[ks.SparsityScheduler(schedule)], **fit)
+        end = int(0.75 * steps)
+        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
+        temperature = None
+        if args.temperature:
+            initial, final_value = (float(t) for t in args.temperature.split(","))
+            temperature = ks.ExponentialTemperature(initial, final_value, 0, end)
+        driver = ks.SparsityScheduler(schedule, temperature=temperature)
+        model.fit(x_train, y_train, callbacks=[driver], **fit)
         extra["evaluated_accuracy"] = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
         compile_model(final, keras)
@@ -293,6 +316,10 @@ def main(argv=None):
     from keras_sparse.datasets import load_mnist
 
     data = load_data(load_mnist, args.mnist)
+    if args.validation:
+        (x_train, y_train), _ = data
+        n = args.validation
+        data = (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"vit_mnist_{args.backend}.json"

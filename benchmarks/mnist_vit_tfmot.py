@@ -101,7 +101,7 @@ def run_one(target, seed, args, data):
 
 
 def main(argv=None):
-    args = bench.parse_args(argv)
+    args = bench.parse_args(argv, bench.build_parser(__doc__.splitlines()[0]))
     data = bench.load_data(datasets.load_mnist, args.mnist)
     out = Path(args.out) if args.out else bench.RESULTS / "vit_mnist_tfmot.json"
     rows, earlier = bench.earlier_runs(args, out)
