@@ -211,9 +211,10 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
         d/dthreshold (per weight) = -(g_w * kernel + g_mean / size) * u
         d/dkernel                 = g_w * mask - sign(kernel) * d/dthreshold
 
-    Used on TensorFlow only, the one backend where it measured faster than
-    autodiff (`benchmarks/compare_revisions.py`): XLA fuses JAX's autodiff
-    alike, and Keras's PyTorch custom gradients take one output only.
+    Used on TensorFlow, where it measured faster than autodiff
+    (`benchmarks/compare_revisions.py`); XLA fuses JAX's autodiff alike.
+    Keras's PyTorch custom gradients take one output only: eager PyTorch
+    takes `_torch_soft_masked_kernel`, the same maths in place.
     """
     soft = ops.sigmoid((ops.abs(kernel) - threshold) * temperature)
     mask = soft * ops.cast(prune_mask, soft.dtype)
@@ -234,6 +235,54 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
         return grad_kernel, grad_threshold, None, None
 
     return (kernel * mask, ops.mean(mask)), grad
+
+
+_TORCH_SOFT_MASKED_KERNEL = None
+
+
+def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
+    """`_soft_masked_kernel` for eager PyTorch, as a `torch.autograd.Function`.
+
+    Eager PyTorch runs each op of a formula as its own pass over the kernel,
+    and autodiff of `soft()` adds a pass for every op's backward and for
+    every broadcast; this computes the same values and gradients in place,
+    from the one saved mask (with `prune_mask` in {0, 1},
+    `mask * (1 - soft) == mask * (1 - mask)`). Not under `torch.compile`,
+    which fuses the autodiff of `soft()` itself.
+    """
+    global _TORCH_SOFT_MASKED_KERNEL
+    if _TORCH_SOFT_MASKED_KERNEL is None:
+        import torch
+
+        class SoftMaskedKernel(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, kernel, threshold, prune_mask, temperature):
+                mask = torch.abs(kernel).sub_(threshold).mul_(temperature).sigmoid_()
+                mask.mul_(prune_mask)
+                ctx.save_for_backward(kernel, mask, temperature)
+                ctx.threshold_shape = threshold.shape
+                return kernel * mask, mask.mean()
+
+            @staticmethod
+            def backward(ctx, grad_kernel_out, grad_mean):
+                kernel, mask, temperature = ctx.saved_tensors
+                # In place on one kernel-sized buffer, so that the backward
+                # holds at most two at once beside its inputs. `minus` is
+                # `-d/dthreshold` per weight: `(g_w * kernel + g_mean / size) * factor`.
+                minus = torch.addcmul(grad_mean / mask.numel(), grad_kernel_out, kernel)
+                minus.mul_(torch.addcmul(mask, mask, mask, value=-1.0)).mul_(temperature)
+                summed = tuple(
+                    axis
+                    for axis, (t, k) in enumerate(zip(ctx.threshold_shape, kernel.shape))
+                    if t == 1 and k != 1
+                )
+                grad_threshold = -(minus.sum(summed, keepdim=True) if summed else minus)
+                # d/dkernel = g_w * mask + sign(kernel) * minus
+                grad_kernel = minus.mul_(torch.sign(kernel)).addcmul_(grad_kernel_out, mask)
+                return grad_kernel, grad_threshold, None, None
+
+        _TORCH_SOFT_MASKED_KERNEL = SoftMaskedKernel
+    return _TORCH_SOFT_MASKED_KERNEL.apply(kernel, threshold, prune_mask, temperature)
 
 
 # -------------------------------------------------------------- the component
@@ -500,12 +549,23 @@ class KernelMask:
         return ops.cast(self.keep(kernel), "float32")
 
     def _fused_training(self):
-        """Whether training takes `_soft_masked_kernel` (see there)."""
-        return (
-            keras.backend.backend() == "tensorflow"
-            and self.options.granularity == "weight"
-            and not self.options.straight_through
-        )
+        """The hand-fused training mask of this backend, or `None` for autodiff of `soft()`.
+
+        TensorFlow's `_soft_masked_kernel`, eager PyTorch's
+        `_torch_soft_masked_kernel`; for the weight granularity without the
+        straight-through mix.
+        """
+        if self.options.granularity != "weight" or self.options.straight_through:
+            return None
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
+            return _soft_masked_kernel
+        if backend == "torch":
+            import torch
+
+            if not torch.compiler.is_compiling():
+                return _torch_soft_masked_kernel
+        return None
 
     def _start_training(self):
         self._seen_training = True
@@ -536,17 +596,23 @@ class KernelMask:
                 # (zero) gradient: DistributedDataParallel refuses parameters
                 # without one, and TensorFlow warns about them.
                 self.layer.add_loss(0.0 * ops.sum(self.threshold.value))
-                return kernel * self._prune_mask_float()
+                # A select, not a product with the mask cast to float: one pass
+                # over the kernel fewer where ops run one by one (eager PyTorch).
+                return ops.where(self.prune_mask.value, kernel, 0.0)
             if self.driver is not None:
                 self.driver.drive(self, kernel)
-            if self._fused_training():
-                # Tensors, not variables: a custom gradient must not read variables.
-                masked, density = _soft_masked_kernel(
-                    ops.copy(kernel),
-                    ops.copy(self._broadcast(self.threshold)),
-                    ops.copy(self.prune_mask.value),
-                    ops.copy(self._temperature.value),
+            fused = self._fused_training()
+            if fused is not None:
+                values = (
+                    kernel,
+                    self._broadcast(self.threshold),
+                    self.prune_mask.value,
+                    self._temperature.value,
                 )
+                if keras.backend.backend() == "tensorflow":
+                    # Tensors, not variables: a TensorFlow custom gradient must not read them.
+                    values = tuple(ops.copy(value) for value in values)
+                masked, density = fused(*values)
             else:
                 mask = self.soft(kernel)
                 if self.options.straight_through:

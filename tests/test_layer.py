@@ -137,21 +137,26 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, stru
 
 
 def test_training_takes_the_backends_own_path(rng, monkeypatch):
-    # TensorFlow trains through the hand-fused gradient, the others through autodiff
-    # of `soft()`: the tests above then check each backend's own path.
+    # TensorFlow and eager PyTorch train through their hand-fused gradients, JAX through
+    # autodiff of `soft()`: the tests above then check each backend's own path.
     from keras_sparse import mask as mask_module
 
     calls = []
-    fused = mask_module._soft_masked_kernel
+    for name in ("_soft_masked_kernel", "_torch_soft_masked_kernel"):
+        fused = getattr(mask_module, name)
 
-    def counted(*args):
-        calls.append(args)
-        return fused(*args)
+        def counted(*args, name=name, fused=fused):
+            calls.append(name)
+            return fused(*args)
 
-    monkeypatch.setattr(mask_module, "_soft_masked_kernel", counted)
+        monkeypatch.setattr(mask_module, name, counted)
     layer = make_layer(rng)
     layer(rng.normal(size=(2, 6)).astype("float32"), training=True)
-    assert len(calls) == (1 if keras.backend.backend() == "tensorflow" else 0)
+    expected = {
+        "tensorflow": ["_soft_masked_kernel"],
+        "torch": ["_torch_soft_masked_kernel"],
+    }.get(keras.backend.backend(), [])
+    assert calls == expected
 
 
 def test_straight_through_forward_is_hard_and_gradient_is_soft(rng):
