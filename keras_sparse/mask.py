@@ -596,9 +596,7 @@ class KernelMask:
                 # (zero) gradient: DistributedDataParallel refuses parameters
                 # without one, and TensorFlow warns about them.
                 self.layer.add_loss(0.0 * ops.sum(self.threshold.value))
-                # A select, not a product with the mask cast to float: one pass
-                # over the kernel fewer where ops run one by one (eager PyTorch).
-                return ops.where(self.prune_mask.value, kernel, 0.0)
+                return kernel * self._prune_mask_float()
             if self.driver is not None:
                 self.driver.drive(self, kernel)
             fused = self._fused_training()
