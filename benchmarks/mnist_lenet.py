@@ -73,6 +73,12 @@ def parse_args(argv=None):
         help="the driver's update_every (default: SparsityScheduler's)",
     )
     parser.add_argument(
+        "--end-fraction",
+        type=float,
+        default=0.75,
+        help="the ramp's end (and the freeze) as a fraction of the steps",
+    )
+    parser.add_argument(
         "--temperature",
         default=None,
         help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
@@ -147,7 +153,7 @@ def run_one(method, target, seed, args, data):
     elif method == "sparse_linear":
         model = lenet(ks.SparseLinear)
         compile_model(model)
-        end_step = int(0.75 * total_steps)
+        end_step = int(args.end_fraction * total_steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
         scheduler = driver(schedule, args, end_step)
         model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)
@@ -157,7 +163,7 @@ def run_one(method, target, seed, args, data):
     elif method == "sparse_linear_neuron":
         model = lenet(neuron_layer)
         compile_model(model)
-        end_step = int(0.75 * total_steps)
+        end_step = int(args.end_fraction * total_steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
         scheduler = driver(schedule, args, end_step)
         model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)

@@ -106,6 +106,12 @@ def earlier_runs(args, out):
 def add_recipe_arguments(parser):
     """keras-sparse's recipe knobs that an ablation varies, and where it is scored."""
     parser.add_argument(
+        "--end-fraction",
+        type=float,
+        default=0.75,
+        help="the ramp's end (and the freeze) as a fraction of the steps",
+    )
+    parser.add_argument(
         "--temperature",
         default=None,
         help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
@@ -237,7 +243,7 @@ def run_one(method, target, seed, args, data):
         extra["coverage"] = report.coverage
         extra["left_dense"] = [str(getattr(d, "name", d)) for d in report.dense]
         compile_model(model, keras)
-        end = int(0.75 * steps)
+        end = int(args.end_fraction * steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
         temperature = None
         if args.temperature:
