@@ -59,10 +59,10 @@ def main(argv=None):
         metrics=["accuracy"],
     )
     steps = args.epochs * math.ceil(len(x_train) / args.batch_size)
-    # Ramp the target over the first 3/4 of training; the mask is then frozen
-    # and the surviving weights are fine-tuned.
+    # Ramp the target over the first 90% of training; the mask is then frozen
+    # and the surviving weights are fine-tuned for the last tenth.
     scheduler = ks.SparsityScheduler(
-        ks.PolynomialDecay(args.target, begin_step=0, end_step=int(0.75 * steps))
+        ks.PolynomialDecay(args.target, begin_step=0, end_step=int(0.9 * steps))
     )
     print(
         f"Backend: {keras.backend.backend()}; {len(x_train)} training images, {features} features"

@@ -166,7 +166,7 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     ```python
     model.fit(x, y, epochs=40, callbacks=[
-        keras_sparse.SparsityScheduler(keras_sparse.PolynomialDecay(0.95, end_fraction=0.75))])
+        keras_sparse.SparsityScheduler(keras_sparse.PolynomialDecay(0.95, end_fraction=0.9))])
     ```
     """
 
@@ -696,7 +696,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             f"{self._steps.final_sparsity:.4f}"
             + (", and the masks are not frozen" if self.freeze_at_end else "")
             + ". Train for more epochs, or end the schedule earlier "
-            "(end_step, end_epoch, or end_fraction=0.75 of the run).",
+            "(end_step, end_epoch, or end_fraction=0.9 of the run).",
             stacklevel=2,
         )
 

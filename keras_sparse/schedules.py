@@ -8,7 +8,7 @@ compiled train step). Its bounds can be given in the unit one thinks in:
 ```python
 PolynomialDecay(0.9, begin_step=0, end_step=3000)        # steps
 PolynomialDecay(0.9, end_epoch=30)                       # epochs
-PolynomialDecay(0.9, end_fraction=0.75)                  # three quarters of the run
+PolynomialDecay(0.9, end_fraction=0.9)                   # nine tenths of the run
 ```
 
 Epochs and fractions are turned into steps when training starts
