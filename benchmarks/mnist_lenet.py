@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from _ablation import add_ablation_arguments, held_out, temperature_schedule
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -54,13 +56,6 @@ def parse_args(argv=None):
         "--out", default=None, help="JSON output (default results/mnist_<backend>.json)"
     )
     parser.add_argument(
-        "--validation",
-        type=int,
-        default=0,
-        help="score on the last N of the 8,000 training images, held out of training, "
-        "instead of the 2,000 test images (for ablations: never tune on the test split)",
-    )
-    parser.add_argument(
         "--min-density",
         type=float,
         default=None,
@@ -72,17 +67,7 @@ def parse_args(argv=None):
         default=None,
         help="the driver's update_every (default: SparsityScheduler's)",
     )
-    parser.add_argument(
-        "--end-fraction",
-        type=float,
-        default=0.75,
-        help="the ramp's end (and the freeze) as a fraction of the steps",
-    )
-    parser.add_argument(
-        "--temperature",
-        default=None,
-        help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
-    )
+    add_ablation_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -127,9 +112,7 @@ def driver(schedule, args, end_step):
     import keras_sparse as ks
 
     given = {"min_density": args.min_density, "update_every": args.update_every}
-    if args.temperature:
-        initial, final = (float(t) for t in args.temperature.split(","))
-        given["temperature"] = ks.ExponentialTemperature(initial, final, 0, end_step)
+    given["temperature"] = temperature_schedule(args, end_step)
     return ks.SparsityScheduler(schedule, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -249,11 +232,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_sparse.datasets import load_mnist
 
-    data = load_mnist(args.data)
-    if args.validation:
-        (x_train, y_train), _ = data
-        n = args.validation
-        data = (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
+    data = held_out(load_mnist(args.data), args.validation)
     targets = [float(t) for t in args.targets.split(",")]
     neuron_targets = [float(t) for t in args.neuron_targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

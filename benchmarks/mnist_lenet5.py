@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from _ablation import add_ablation_arguments, held_out, temperature_schedule
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -63,25 +65,8 @@ def build_parser(description=None):
 
 def add_recipe_arguments(parser):
     """The knobs of keras-sparse's recipe that an ablation varies, and where it is scored."""
-    parser.add_argument(
-        "--validation",
-        type=int,
-        default=0,
-        help="score on the last N of the 8,000 training images, held out of training, "
-        "instead of the 2,000 test images (for ablations: never tune on the test split)",
-    )
+    add_ablation_arguments(parser)
     parser.add_argument("--scope", default="global", choices=("global", "per_layer"))
-    parser.add_argument(
-        "--end-fraction",
-        type=float,
-        default=0.75,
-        help="the ramp's end (and the freeze) as a fraction of the steps",
-    )
-    parser.add_argument(
-        "--temperature",
-        default=None,
-        help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
-    )
     parser.add_argument("--straight-through", action="store_true")
     parser.add_argument(
         "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
@@ -185,10 +170,7 @@ def run_one(method, target, seed, args, data):
         compile_model(model, keras)
         end = int(args.end_fraction * steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
-        temperature = None
-        if args.temperature:
-            initial, final = (float(t) for t in args.temperature.split(","))
-            temperature = ks.ExponentialTemperature(initial, final, begin_step=0, end_step=end)
+        temperature = temperature_schedule(args, end)
         given = {"min_density": args.min_density, "update_every": args.update_every}
         given = {key: value for key, value in given.items() if value is not None}
         driver = ks.SparsityScheduler(schedule, scope=args.scope, temperature=temperature, **given)
@@ -279,11 +261,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    data = load_data(args.mnist)
-    if args.validation:
-        (x_train, y_train), _ = data
-        n = args.validation
-        data = (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
+    data = held_out(load_data(args.mnist), args.validation)
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []

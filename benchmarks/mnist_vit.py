@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from _ablation import add_ablation_arguments, held_out, temperature_schedule
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -103,31 +105,8 @@ def earlier_runs(args, out):
     return previous["runs"], previous.get("earlier_configs", []) + [previous["config"]]
 
 
-def add_recipe_arguments(parser):
-    """keras-sparse's recipe knobs that an ablation varies, and where it is scored."""
-    parser.add_argument(
-        "--end-fraction",
-        type=float,
-        default=0.75,
-        help="the ramp's end (and the freeze) as a fraction of the steps",
-    )
-    parser.add_argument(
-        "--temperature",
-        default=None,
-        help="INITIAL,FINAL of an ExponentialTemperature over the ramp (default: the driver's)",
-    )
-    parser.add_argument(
-        "--validation",
-        type=int,
-        default=0,
-        help="score on the last N of the 8,000 training images, held out of training, "
-        "instead of the 2,000 test images (for ablations: never tune on the test split)",
-    )
-    return parser
-
-
 def parse_args(argv=None, parser=None):
-    parser = parser or add_recipe_arguments(build_parser())
+    parser = parser or add_ablation_arguments(build_parser())
     args = parser.parse_args(argv)
     if not args.mnist:
         parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
@@ -245,11 +224,7 @@ def run_one(method, target, seed, args, data):
         compile_model(model, keras)
         end = int(args.end_fraction * steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
-        temperature = None
-        if args.temperature:
-            initial, final_value = (float(t) for t in args.temperature.split(","))
-            temperature = ks.ExponentialTemperature(initial, final_value, 0, end)
-        driver = ks.SparsityScheduler(schedule, temperature=temperature)
+        driver = ks.SparsityScheduler(schedule, temperature=temperature_schedule(args, end))
         model.fit(x_train, y_train, callbacks=[driver], **fit)
         extra["evaluated_accuracy"] = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
@@ -321,11 +296,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_sparse.datasets import load_mnist
 
-    data = load_data(load_mnist, args.mnist)
-    if args.validation:
-        (x_train, y_train), _ = data
-        n = args.validation
-        data = (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
+    data = held_out(load_data(load_mnist, args.mnist), args.validation)
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"vit_mnist_{args.backend}.json"
