@@ -2,8 +2,8 @@
 ramp ends, and the driver's temperature (mnist_lenet.py, mnist_lenet5.py, mnist_vit.py)."""
 
 
-def add_ablation_arguments(parser):
-    """`--validation`, `--end-fraction` and `--temperature` on `parser`."""
+def add_validation_arguments(parser):
+    """`--validation` and `--fold`: where a run is scored, on `parser`."""
     parser.add_argument(
         "--validation",
         type=int,
@@ -11,6 +11,19 @@ def add_ablation_arguments(parser):
         help="score on the last N of the 8,000 training images, held out of training, "
         "instead of the 2,000 test images (for ablations: never tune on the test split)",
     )
+    parser.add_argument(
+        "--fold",
+        type=int,
+        default=0,
+        help="with --validation N: hold out the (K+1)-th block of N images from the end "
+        "instead of the last N (cross-validation over the training images)",
+    )
+    return parser
+
+
+def add_ablation_arguments(parser):
+    """`--validation`, `--fold`, `--end-fraction` and `--temperature` on `parser`."""
+    add_validation_arguments(parser)
     parser.add_argument(
         "--end-fraction",
         type=float,
@@ -25,14 +38,24 @@ def add_ablation_arguments(parser):
     return parser
 
 
-def held_out(data, validation):
-    """`((x, y) train, (x, y) test)` with the last `validation` training images as the test
-    split, or `data` as it is when `validation` is 0."""
+def held_out(data, validation, fold=0):
+    """`((x, y) train, (x, y) test)` with `validation` training images as the test split
+    (the last ones for fold 0, the block before them for fold 1, ...), or `data` as it is
+    when `validation` is 0."""
     if not validation:
         return data
+    import numpy as np
+
     (x_train, y_train), _ = data
-    n = validation
-    return (x_train[:-n], y_train[:-n]), (x_train[-n:], y_train[-n:])
+    end = len(x_train) - fold * validation
+    start = end - validation
+    if fold < 0 or start < 0:
+        raise ValueError(
+            f"--fold {fold} with --validation {validation} is outside the "
+            f"{len(x_train)} training images"
+        )
+    rest = np.r_[0:start, end : len(x_train)]
+    return (x_train[rest], y_train[rest]), (x_train[start:end], y_train[start:end])
 
 
 def temperature_schedule(args, end_step):

@@ -232,7 +232,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_sparse.datasets import load_mnist
 
-    data = held_out(load_mnist(args.data), args.validation)
+    data = held_out(load_mnist(args.data), args.validation, args.fold)
     targets = [float(t) for t in args.targets.split(",")]
     neuron_targets = [float(t) for t in args.neuron_targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

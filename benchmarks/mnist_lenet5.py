@@ -92,6 +92,7 @@ def recipe(args):
         "min_density": args.min_density,
         "update_every": args.update_every,
         "validation": args.validation,
+        "fold": args.fold,
     }
 
 
@@ -261,7 +262,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    data = held_out(load_data(args.mnist), args.validation)
+    data = held_out(load_data(args.mnist), args.validation, args.fold)
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from _ablation import add_validation_arguments, held_out
 from _by_path import load_module
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     parser.set_defaults(methods="dst,cs,pdp", epochs=None, targets=None)
     parser.add_argument("--dst-alphas", default="1e-6,1e-5,1e-4")
     parser.add_argument("--cs-decays", default="1e-9,1e-7,1e-5")
+    add_validation_arguments(parser)
     parser.add_argument(
         "--append",
         action="store_true",
@@ -141,7 +143,9 @@ def run_one(method, value, seed, args, data):
 
 def main(argv=None):
     args = parse_args(argv)
-    (x_train, y_train), (x_test, y_test) = datasets.load_mnist(args.mnist)
+    (x_train, y_train), (x_test, y_test) = held_out(
+        datasets.load_mnist(args.mnist), args.validation, args.fold
+    )
     if args.model == "lenet5":
         x_train, x_test = x_train.reshape(-1, 28, 28, 1), x_test.reshape(-1, 28, 28, 1)
     data = (x_train, y_train), (x_test, y_test)

@@ -296,7 +296,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_sparse.datasets import load_mnist
 
-    data = held_out(load_data(load_mnist, args.mnist), args.validation)
+    data = held_out(load_data(load_mnist, args.mnist), args.validation, args.fold)
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"vit_mnist_{args.backend}.json"
