@@ -515,7 +515,10 @@ class SparsityScheduler(keras.callbacks.Callback):
         """
         state = mask.sparsity_state
         scale = state[_SCALE]
-        density = ops.cast(ops.count_nonzero(mask.keep(kernel)), "float32") / float(mask.size)
+        # A sum, not `ops.count_nonzero`: Keras's PyTorch version of that warns
+        # (it transposes a 0-d tensor).
+        kept = ops.sum(ops.cast(mask.keep(kernel), "int32"))
+        density = ops.cast(kept, "float32") / float(mask.size)
         temperature = self._relative_schedule(mask)(step) / scale
         log_penalty, penalties = state[_LOG_PENALTY], ()
         if group[0] is mask:
@@ -673,7 +676,10 @@ class SparsityScheduler(keras.callbacks.Callback):
         counts = self._measure(
             "finite",
             lambda: ops.stack(
-                [ops.count_nonzero(ops.logical_not(ops.isfinite(m.kernel))) for m in self._masks]
+                [
+                    ops.sum(ops.cast(ops.logical_not(ops.isfinite(m.kernel)), "int32"))
+                    for m in self._masks
+                ]
             ),
         )
         for name, bad in zip(self._names, counts):

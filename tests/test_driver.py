@@ -358,6 +358,19 @@ def test_epoch_logs_hold_measured_statistics_and_the_penalty_on_its_own():
     assert logs["sparsity_loss"][-1] > 0
 
 
+def test_a_scheduled_fit_through_the_freeze_raises_no_user_warning():
+    # A warning a user sees must mean something: the driver's own statistics once set
+    # off Keras's PyTorch `count_nonzero` (a transposed 0-d tensor) at every fit.
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=2 * STEPS_PER_EPOCH))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(m, scheduler, epochs=3)
+    assert scheduler.frozen
+    shown = [w for w in caught if issubclass(w.category, UserWarning)]
+    assert not shown, [f"{w.filename}:{w.lineno}: {w.message}" for w in shown]
+
+
 def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
     ks.PolynomialDecay(np.float32(0.9), begin_step=np.int64(0), end_step=np.int64(100))
     ks.SparsityScheduler(np.float64(0.5), min_density=np.float32(0.02))
