@@ -515,10 +515,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         """
         state = mask.sparsity_state
         scale = state[_SCALE]
-        # A sum, not `ops.count_nonzero`: Keras's PyTorch version of that warns
-        # (it transposes a 0-d tensor).
-        kept = ops.sum(ops.cast(mask.keep(kernel), "int32"))
-        density = ops.cast(kept, "float32") / float(mask.size)
+        density = ops.cast(mask.count_active(kernel), "float32") / float(mask.size)
         temperature = self._relative_schedule(mask)(step) / scale
         log_penalty, penalties = state[_LOG_PENALTY], ()
         if group[0] is mask:

@@ -643,9 +643,15 @@ class KernelMask:
         count = self._program("num_active", self.count_active)()
         return int(ops.convert_to_numpy(count))
 
-    def count_active(self):
-        """`num_active()` as an int32 tensor, computed where it is called (a program, a step)."""
-        return ops.sum(ops.cast(self.keep(self.kernel.value), "int32"))
+    def count_active(self, kernel=None):
+        """`num_active()` as an int32 tensor, computed where it is called (a program, a step).
+
+        `kernel`: the kernel's value as the caller holds it (default: the variable's).
+        A sum, not `ops.count_nonzero`: Keras's PyTorch version of that warns
+        (it transposes a 0-d tensor).
+        """
+        kernel = self.kernel.value if kernel is None else kernel
+        return ops.sum(ops.cast(self.keep(kernel), "int32"))
 
     def alive_units(self):
         """Number of output units with at least one active weight."""
