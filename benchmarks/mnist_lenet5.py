@@ -78,6 +78,18 @@ def add_recipe_arguments(parser):
         default=None,
         help="the driver's floor (default: SparsityScheduler's)",
     )
+    parser.add_argument(
+        "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"
+    )
+    parser.add_argument(
+        "--begin-fraction",
+        type=float,
+        default=0.0,
+        help="the ramp's start as a fraction of the steps (dense training before it)",
+    )
+    parser.add_argument(
+        "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
+    )
     return parser
 
 
@@ -91,6 +103,9 @@ def recipe(args):
         "per_weight": args.per_weight,
         "min_density": args.min_density,
         "update_every": args.update_every,
+        "power": args.power,
+        "begin_fraction": args.begin_fraction,
+        "gain": args.gain,
         "validation": args.validation,
         "fold": args.fold,
     }
@@ -170,9 +185,14 @@ def run_one(method, target, seed, args, data):
         )
         compile_model(model, keras)
         end = int(args.end_fraction * steps)
-        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
+        begin = int(args.begin_fraction * steps)
+        schedule = ks.PolynomialDecay(target, begin_step=begin, end_step=end, power=args.power)
         temperature = temperature_schedule(args, end)
-        given = {"min_density": args.min_density, "update_every": args.update_every}
+        given = {
+            "min_density": args.min_density,
+            "update_every": args.update_every,
+            "gain": args.gain,
+        }
         given = {key: value for key, value in given.items() if value is not None}
         driver = ks.SparsityScheduler(schedule, scope=args.scope, temperature=temperature, **given)
         model.fit(x_train, y_train, callbacks=[driver], **fit)
