@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import reference
-from backend_utils import to_numpy
+from backend_utils import gradients, to_numpy
 
 import keras_sparse as ks
 
@@ -789,3 +789,26 @@ def test_the_default_update_interval_keeps_one_update_within_a_quarter_e_fold(
             model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[driver])
     assert scheduler.update_every == expected
     assert given.update_every == 3
+
+
+def test_a_frozen_mask_trains_the_kept_weights_alone_whatever_the_pruned_ones_hold(rng):
+    # After the freeze the optimizer's momentum can still move pruned weights (their
+    # gradient is zero, their moments are not): the training call must ignore them.
+    layer = ks.SparseLinear(5, name="frozen")
+    layer.build((None, 4))
+    kernel = rng.normal(size=(4, 5)).astype("float32")
+    keep = rng.uniform(size=(4, 5)) < 0.5
+    layer.kernel.assign(kernel)  # the pruned entries hold nonzero values
+    mask = layer.masks["kernel"]
+    mask.prune_mask.assign(keep)
+    mask.frozen = True
+    x = rng.normal(size=(3, 4)).astype("float32")
+    upstream = rng.normal(size=(3, 5)).astype("float32")
+    bias = to_numpy(layer.bias)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, training=True)), x @ np.where(keep, kernel, 0.0) + bias, atol=1e-5
+    )
+    d_kernel, d_bias, d_threshold = gradients(layer, x, upstream)
+    np.testing.assert_allclose(d_kernel, np.where(keep, x.T @ upstream, 0.0), atol=1e-5)
+    np.testing.assert_allclose(d_bias, upstream.sum(axis=0), atol=1e-5)
+    np.testing.assert_array_equal(d_threshold, 0.0)
