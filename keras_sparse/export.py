@@ -228,8 +228,9 @@ class ModelSize:
             prune mask, temperature and penalty).
         nonzero: How many of those values are nonzero.
         weight_bytes: Raw bytes of those values (`sum(v.nbytes)`).
-        kernel_bytes: Raw bytes of the variables named `kernel` (an int8
-            kernel holds one byte per weight).
+        kernel_bytes: Raw bytes of the weight matrices: the variables named
+            `kernel`, `depthwise_kernel`, `pointwise_kernel` or `embeddings`
+            (an int8 kernel holds one byte per weight).
         keras_bytes: Size of the `.keras` file `model.save()` writes.
         compressed_bytes: Size of the raw weight bytes, concatenated and
             gzip-compressed at level 9: about what a compressed download of
@@ -246,6 +247,8 @@ class ModelSize:
 
 
 _SIZE_HEADERS = ("model", "params", "nonzero", "weights", "kernels", ".keras", "gzip")
+# The weight matrices a mask can cover, by their variables' names in the stock layers.
+_KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +261,12 @@ class SizeReport:
         stripped: `strip(model)`: plain Dense layers, float32 kernels with
             the pruned weights as zeros.
         int8: `strip(model)` after `model.quantize("int8")` (int8 kernels
-            with one float32 scale per output unit).
+            with one float32 scale per output unit, for the layers Keras
+            quantizes: `Dense`, `EinsumDense`, `Embedding`).
+        not_quantized: Names of the layers whose weight matrices stay
+            float32 in the int8 row, because Keras has no int8 form for
+            them (convolutions, for one); `str(report)` lists them.
+        not_quantized_share: Their share of the model's kernel weights.
 
     `params` and `nonzero` are the stripped model's: what the served
     network holds. `str(report)` is an aligned table in bytes;
@@ -268,6 +276,8 @@ class SizeReport:
     sparse: ModelSize
     stripped: ModelSize
     int8: ModelSize
+    not_quantized: tuple = ()
+    not_quantized_share: float = 0.0
 
     @property
     def params(self):
@@ -308,7 +318,8 @@ class SizeReport:
             ).rstrip()
 
         rule = "  ".join("-" * w for w in widths)
-        return "\n".join([line(_SIZE_HEADERS), rule, *map(line, body), "(sizes in bytes)"])
+        lines = [line(_SIZE_HEADERS), rule, *map(line, body), "(sizes in bytes)"]
+        return "\n".join(lines + self._notes())
 
     def to_markdown(self):
         lines = [
@@ -316,13 +327,34 @@ class SizeReport:
             "|:--|" + "--:|" * (len(_SIZE_HEADERS) - 1),
         ]
         lines += ["| " + " | ".join(r) + " |" for r in self._cells()]
-        return "\n".join(lines)
+        notes = self._notes()
+        return "\n".join(lines + ([""] + notes if notes else []))
+
+    def _notes(self):
+        if not self.not_quantized:
+            return []
+        names = ", ".join(self.not_quantized[:_LISTED])
+        more = len(self.not_quantized) - _LISTED
+        if more > 0:
+            names += f" and {more} more"
+        count = len(self.not_quantized)
+        return [
+            "int8: left float32, as Keras has no int8 form for them: "
+            f"{count} {'layer' if count == 1 else 'layers'} holding "
+            f"{self.not_quantized_share:.1%} of the kernel weights ({names})"
+        ]
+
+
+# How many of the layers left float32 the report names.
+_LISTED = 5
 
 
 def _measure(model, label, scratch):
     arrays = [np.asarray(ops.convert_to_numpy(v)) for v in model.weights]
     kernel_bytes = sum(
-        a.nbytes for v, a in zip(model.weights, arrays, strict=True) if _leaf_name(v) == "kernel"
+        a.nbytes
+        for v, a in zip(model.weights, arrays, strict=True)
+        if _leaf_name(v) in _KERNEL_NAMES
     )
     raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
     path = os.path.join(scratch, f"{label.replace(' ', '_').replace('+', 'and')}.keras")
@@ -367,7 +399,29 @@ def size_report(model):
             warnings.filterwarnings("ignore", message=".*does not have a `quantize` method")
             stripped.quantize("int8")
         int8_size = _measure(stripped, "stripped + int8", scratch)
-    return SizeReport(sparse=sparse_size, stripped=stripped_size, int8=int8_size)
+    left, share = _not_quantized(stripped)
+    return SizeReport(
+        sparse=sparse_size,
+        stripped=stripped_size,
+        int8=int8_size,
+        not_quantized=left,
+        not_quantized_share=share,
+    )
+
+
+def _not_quantized(model):
+    """`(names, share)`: the layers of `model` whose weight matrices `quantize` left
+    float32, and their share of all its weight-matrix values."""
+    names, left, total = [], 0, 0
+    for layer in model._flatten_layers(include_self=False):
+        if len(list(layer._flatten_layers())) != 1:
+            continue  # a container: its leaves are visited themselves
+        size = sum(int(math.prod(v.shape)) for v in layer.weights if _leaf_name(v) in _KERNEL_NAMES)
+        total += size
+        if size and getattr(layer.dtype_policy, "quantization_mode", None) is None:
+            names.append(layer.name)
+            left += size
+    return tuple(names), (left / total if total else 0.0)
 
 
 __all__ = [

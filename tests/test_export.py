@@ -15,7 +15,7 @@ import pytest
 from backend_utils import to_numpy
 from conftest import require, skip_route
 
-from keras_sparse import SparseLinear, sparse_layers, sparsify
+from keras_sparse import SparseConv2D, SparseLinear, sparse_layers, sparsify
 from keras_sparse.export import (
     EXPORT_FORMATS,
     export_model,
@@ -388,3 +388,34 @@ def test_size_report_prints_a_table():
         "gzip",
     ]
     assert lines[3].split()[:3] == ["stripped", "15", "8"]
+
+
+def _conv_dense_model():
+    inputs = keras.Input((6, 6, 2))
+    x = SparseConv2D(3, 3, name="conv")(inputs)  # 3 * 3 * 2 * 3 = 54 weights
+    # 2 * 2 * 3 = 12 depthwise and 3 * 3 = 9 pointwise weights
+    x = keras.layers.SeparableConv2D(3, 2, name="separable")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = SparseLinear(4, name="head")(x)  # 3 * 3 * 3 * 4 = 108 weights
+    return keras.Model(inputs, outputs)
+
+
+def test_size_report_names_the_layers_int8_leaves_in_float32():
+    report = size_report(_conv_dense_model())
+    # Keras quantizes Dense to int8, not the convolutions.
+    assert report.not_quantized == ("conv", "separable")
+    assert report.not_quantized_share == pytest.approx((54 + 21) / (54 + 21 + 108))
+    assert str(report).splitlines()[-1] == (
+        "int8: left float32, as Keras has no int8 form for them: 2 layers holding 41.0% of "
+        "the kernel weights (conv, separable)"
+    )
+    assert report.to_markdown().endswith("(conv, separable)")
+    # Every weight matrix counts as a kernel, the separable ones included.
+    assert report.stripped.kernel_bytes == (54 + 21 + 108) * 4
+    assert report.int8.kernel_bytes == (54 + 21) * 4 + 108
+
+
+def test_size_report_of_a_dense_model_has_no_float32_note():
+    report = size_report(_one_layer(KERNEL, BIAS, 0.3))
+    assert report.not_quantized == ()
+    assert str(report).splitlines()[-1] == "(sizes in bytes)"
