@@ -27,6 +27,10 @@ from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, Spa
 from keras_sparse.walk import display_names, sparse_layers
 
 _SCOPES = ("global", "per_layer")
+# The freeze normally trims a few tenths of a point; cutting more than a third of what
+# the masks kept means they did not follow the schedule, and the freeze acted as
+# one-shot pruning: say so.
+_ONE_SHOT_CUT = 1.5
 
 
 def default_min_density(final_sparsity):
@@ -581,6 +585,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         Each mask first keeps its floor (`min_density`) of best margins.
         """
         self._check_finite_weights()
+        kept_before = 1.0 - self.statistics()["sparsity"]
         self._program("freeze", self._fix_at_budgets)(self._budgets(target), float(self.step))
         for mask in self._masks:
             mask.mark_hard_pruned()
@@ -588,6 +593,26 @@ class SparsityScheduler(keras.callbacks.Callback):
             mask.driver = None
         self.frozen = True
         self._retrace()
+        self._warn_if_one_shot(kept_before)
+
+    def _warn_if_one_shot(self, kept_before):
+        """Warn when the freeze cut much of what the learned masks kept (see `_ONE_SHOT_CUT`)."""
+        kept_after = 1.0 - self.statistics()["sparsity"]
+        if kept_before <= _ONE_SHOT_CUT * kept_after:
+            return
+        strength = math.exp(
+            float(ops.convert_to_numpy(self._masks[0].sparsity_state)[_LOG_PENALTY])
+        )
+        warnings.warn(
+            f"SparsityScheduler: when the schedule ended (step {self.step}) the learned masks "
+            f"kept {kept_before:.2%} of the weights, and the freeze cut them to "
+            f"{kept_after:.2%} in one step, ranking the weights by margin as one-shot pruning "
+            f"would; accuracy may suffer. The masks did not follow the schedule (penalty "
+            f"strength {strength:.3g}, max_penalty={self.max_penalty:g}). Try a longer ramp, "
+            "a lower target, or a softer temperature: a threshold per weight stops learning "
+            "once its mask is sharp.",
+            stacklevel=2,
+        )
 
     def _budgets(self, target):
         """For each group, the weights the freeze keeps: `round((1 - target) * size)`."""

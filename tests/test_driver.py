@@ -361,11 +361,13 @@ def test_epoch_logs_hold_measured_statistics_and_the_penalty_on_its_own():
 def test_a_scheduled_fit_through_the_freeze_raises_no_user_warning():
     # A warning a user sees must mean something: the driver's own statistics once set
     # off Keras's PyTorch `count_nonzero` (a transposed 0-d tensor) at every fit.
+    # The ramp is long enough for the masks to follow it (a shorter one warns that the
+    # freeze pruned in one shot).
     m = compiled(model())
-    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=2 * STEPS_PER_EPOCH))
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=8 * STEPS_PER_EPOCH))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(m, scheduler, epochs=3)
+        fit(m, scheduler, epochs=9)
     assert scheduler.frozen
     shown = [w for w in caught if issubclass(w.category, UserWarning)]
     assert not shown, [f"{w.filename}:{w.lineno}: {w.message}" for w in shown]

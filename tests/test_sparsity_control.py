@@ -812,3 +812,33 @@ def test_a_frozen_mask_trains_the_kept_weights_alone_whatever_the_pruned_ones_ho
     np.testing.assert_allclose(d_kernel, np.where(keep, x.T @ upstream, 0.0), atol=1e-5)
     np.testing.assert_allclose(d_bias, upstream.sum(axis=0), atol=1e-5)
     np.testing.assert_array_equal(d_threshold, 0.0)
+
+
+def test_a_freeze_that_cuts_much_of_what_the_masks_kept_warns(rng):
+    # With a learning rate of 0 the thresholds never move: the masks keep what their
+    # initial thresholds keep, and the freeze alone cuts it to 10%.
+    model = two_layer_model(rng)
+    layers = ks.sparse_layers(model)
+    kept = sum(layer.num_active() for layer in layers) / 72
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.9, begin_step=0, end_step=1))
+    with pytest.warns(UserWarning, match="one-shot pruning") as caught:
+        fit_without_learning(model, scheduler, steps=2)
+    (message,) = [str(w.message) for w in caught if "one-shot" in str(w.message)]
+    assert f"kept {kept:.2%} of the weights" in message
+    assert "cut them to 9.72%" in message  # round(0.1 * 72) = 7 weights
+
+
+def test_a_freeze_that_trims_what_the_masks_kept_does_not_warn(rng):
+    # Thresholds that already keep 8 of the 72 weights: the freeze trims one (to 7).
+    model = two_layer_model(rng)
+    magnitudes = np.concatenate(
+        [np.abs(to_numpy(x.kernel)).ravel() for x in ks.sparse_layers(model)]
+    )
+    for layer in ks.sparse_layers(model):
+        layer.reset_threshold(float(np.sort(magnitudes)[-8]))
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.9, begin_step=0, end_step=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_without_learning(model, scheduler, steps=2)
+    assert scheduler.frozen
+    assert not [w for w in caught if "one-shot" in str(w.message)]
