@@ -388,7 +388,9 @@ def size_report(model):
 
     Returns:
         A `SizeReport` (`.params`, `.nonzero`, `.sparse`, `.stripped`,
-        `.int8`, each a `ModelSize`; `print(report)` shows a table).
+        `.int8`, each a `ModelSize`; `.not_quantized`, the layers Keras
+        could not quantize, left float32 in the int8 row; `print(report)`
+        shows a table, and names those layers under it).
     """
     stripped = _strip(model, require_sparse=False)
     with tempfile.TemporaryDirectory(prefix="keras_sparse_size_") as scratch:
