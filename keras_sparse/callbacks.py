@@ -27,8 +27,8 @@ from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, Spa
 from keras_sparse.walk import display_names, sparse_layers
 
 _SCOPES = ("global", "per_layer")
-# The freeze normally trims a few tenths of a point; cutting more than a third of what
-# the masks kept means they did not follow the schedule, and the freeze acted as
+# The freeze normally trims what the feedback left over; cutting more than a third of
+# what the masks kept means they did not follow the schedule, and the freeze acted as
 # one-shot pruning: say so.
 _ONE_SHOT_CUT = 1.5
 
