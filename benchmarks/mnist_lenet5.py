@@ -90,6 +90,17 @@ def add_recipe_arguments(parser):
     parser.add_argument(
         "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
     )
+    parser.add_argument(
+        "--save-init",
+        default=None,
+        help="write the initial kernels and biases of each seed's model on this backend to "
+        "this .npz, then exit (to start another backend from the same weights)",
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="start each seed's sparse model from the kernels and biases of a --save-init file",
+    )
     return parser
 
 
@@ -106,6 +117,7 @@ def recipe(args):
         "power": args.power,
         "begin_fraction": args.begin_fraction,
         "gain": args.gain,
+        "init_from": args.init_from,
         "validation": args.validation,
         "fold": args.fold,
     }
@@ -183,6 +195,8 @@ def run_one(method, target, seed, args, data):
             functools.partial(ks.SparseLinear, **options),
             keras,
         )
+        if args.init_from:
+            load_initial_weights(model, args.init_from, seed)
         compile_model(model, keras)
         end = int(args.end_fraction * steps)
         begin = int(args.begin_fraction * steps)
@@ -260,6 +274,46 @@ def run_one(method, target, seed, args, data):
     return row
 
 
+def sparse_lenet5(seed):
+    """The sparse LeNet-5 as `run_one` builds it for `seed`, before any training."""
+    import keras
+
+    import keras_sparse as ks
+
+    keras.utils.set_random_seed(seed)
+    return lenet5(ks.SparseConv2D, ks.SparseLinear, keras)
+
+
+def save_initial_weights(path, seeds):
+    """Each seed's initial kernels and biases on this backend, as `<seed>/<layer>/<name>`."""
+    import keras
+    import numpy as np
+
+    import keras_sparse as ks
+
+    arrays = {}
+    for seed in seeds:
+        for layer in ks.sparse_layers(sparse_lenet5(seed)):
+            for name in ("kernel", "bias"):
+                value = keras.ops.convert_to_numpy(getattr(layer, name))
+                arrays[f"{seed}/{layer.name}/{name}"] = value
+    np.savez(path, **arrays)
+
+
+def load_initial_weights(model, path, seed):
+    import numpy as np
+
+    import keras_sparse as ks
+
+    arrays = np.load(path)
+    for layer in ks.sparse_layers(model):
+        for name in ("kernel", "bias"):
+            key = f"{seed}/{layer.name}/{name}"
+            if key not in arrays:
+                raise SystemExit(f"--init-from {path}: no {key!r} (saved for other seeds?)")
+            getattr(layer, name).assign(arrays[key])
+
+
 def median_rows(rows):
     groups = {}
     for row in rows:
@@ -285,6 +339,10 @@ def main(argv=None):
     data = held_out(load_data(args.mnist), args.validation, args.fold)
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.save_init:
+        save_initial_weights(args.save_init, seeds)
+        print(f"wrote {args.save_init}")
+        return
     rows = []
     for method in args.methods.split(","):
         for target in [0.0] if method == "dense" else targets:
