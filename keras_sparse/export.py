@@ -58,6 +58,7 @@ import numpy as np
 from keras import ops
 
 from keras_sparse.transforms import _strip
+from keras_sparse.walk import walk, weight_matrices
 
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "litert")
 
@@ -415,10 +416,8 @@ def _not_quantized(model):
     """`(names, share)`: the layers of `model` whose weight matrices `quantize` left
     float32, and their share of all its weight-matrix values."""
     names, left, total = [], 0, 0
-    for layer in model._flatten_layers(include_self=False):
-        if len(list(layer._flatten_layers())) != 1:
-            continue  # a container: its leaves are visited themselves
-        size = sum(int(math.prod(v.shape)) for v in layer.weights if _leaf_name(v) in _KERNEL_NAMES)
+    for layer, _ in walk(model):
+        size = sum(int(math.prod(v.shape)) for v in weight_matrices(layer))
         total += size
         if size and getattr(layer.dtype_policy, "quantization_mode", None) is None:
             names.append(layer.name)
