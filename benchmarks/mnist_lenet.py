@@ -45,7 +45,13 @@ BACKENDS = ("tensorflow", "jax", "torch")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="jax", choices=(*BACKENDS, "all"))
-    parser.add_argument("--data", default=None, help="folder with the MNIST IDX files")
+    parser.add_argument(
+        "--mnist",
+        "--data",
+        dest="data",
+        metavar="DIR",
+        help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
+    )
     parser.add_argument("--methods", default="dense,sparse_linear,one_shot")
     parser.add_argument("--targets", default="0.9,0.95,0.98")
     parser.add_argument("--neuron-targets", default="0.5,0.75,0.9")

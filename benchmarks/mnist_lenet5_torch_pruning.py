@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--match", default=str(RESULTS / "lenet5_neuron_jax.json"))
     parser.add_argument(
         "--mnist",
+        "--data",
+        dest="mnist",
+        metavar="DIR",
         default=os.environ.get("KERAS_SPARSE_MNIST_DIR"),
         help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
     )

@@ -78,6 +78,9 @@ def build_parser(description=None):
     parser.add_argument("--backend", default="jax", choices=BACKENDS)
     parser.add_argument(
         "--mnist",
+        "--data",
+        dest="mnist",
+        metavar="DIR",
         default=os.environ.get("KERAS_SPARSE_MNIST_DIR"),
         help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
     )

@@ -523,6 +523,12 @@ class KernelMask:
                 threshold = ops.maximum(threshold, boundary)
         return ops.sigmoid((magnitude - threshold) * self._temperature.value) * prune_mask
 
+    def trained_kernel(self, kernel):
+        """`kernel` times the mask training multiplies it by: the soft mask, or
+        the hard one for the straight-through mix (its forward value)."""
+        mask = self.hard(kernel) if self.options.straight_through else self.soft(kernel)
+        return kernel * mask
+
     def keep(self, kernel):
         """Boolean, kernel-shaped: what the hard mask keeps (`prune_mask` included).
 

@@ -252,9 +252,8 @@ def test_the_freeze_keeps_exactly_the_target_ranked_by_margin(
     model = two_layer_model(rng, narrow_threshold=(3.0, 4.0))
     layers = ks.sparse_layers(model)
     kernels = [to_numpy(layer.kernel) for layer in layers]
-    margins = [
-        (np.abs(k) - to_numpy(layer.threshold)) / np.std(k) for k, layer in zip(kernels, layers)
-    ]
+    thresholds = [to_numpy(layer.threshold) for layer in layers]
+    margins = [(np.abs(k) - t) / np.std(k) for k, t in zip(kernels, thresholds)]
     scheduler = ks.SparsityScheduler(
         ks.PolynomialDecay(target, begin_step=0, end_step=1), scope=scope, min_density=min_density
     )
@@ -262,9 +261,14 @@ def test_the_freeze_keeps_exactly_the_target_ranked_by_margin(
     assert scheduler.frozen
     keeps = reference.frozen_keep(margins, target, min_density, per_layer=scope == "per_layer")
     assert tuple(int(k.sum()) for k in keeps) == counts
-    for layer, kernel, keep in zip(layers, kernels, keeps):
+    for layer, kernel, threshold, keep in zip(layers, kernels, thresholds, keeps):
         np.testing.assert_array_equal(to_numpy(layer.prune_mask), keep)
-        np.testing.assert_array_equal(to_numpy(layer.kernel), np.where(keep, kernel, 0.0))
+        # The survivors keep the weights training used: the kernel times its soft mask
+        # (at the freeze's temperature, which the frozen mask no longer changes).
+        trained = kernel * reference.soft_mask(kernel, threshold, layer.temperature)
+        np.testing.assert_allclose(
+            to_numpy(layer.kernel), np.where(keep, trained, 0.0), rtol=1e-5, atol=1e-7
+        )
         np.testing.assert_array_equal(to_numpy(layer.threshold), 0.0)
         assert layer.num_active() == int(keep.sum())
     # Frozen: no penalty, the masks fixed for the rest of training.
