@@ -1,5 +1,6 @@
 """What the accuracy benchmarks share for ablations: where a run is scored, where its
-ramp ends, and the driver's temperature (mnist_lenet.py, mnist_lenet5.py, mnist_vit.py)."""
+ramp ends, the driver's temperature (mnist_lenet.py, mnist_lenet5.py, mnist_vit.py), and the
+initial weights of one backend carried to another (mnist_lenet.py, mnist_lenet5.py)."""
 
 
 def add_validation_arguments(parser):
@@ -66,3 +67,51 @@ def temperature_schedule(args, end_step):
 
     initial, final = (float(t) for t in args.temperature.split(","))
     return ks.ExponentialTemperature(initial, final, begin_step=0, end_step=end_step)
+
+
+def add_initial_weights_arguments(parser):
+    """`--save-init` and `--init-from`: start one backend from another's initial weights."""
+    parser.add_argument(
+        "--save-init",
+        default=None,
+        help="write the initial kernels and biases of each seed's model on this backend to "
+        "this .npz, then exit (to start another backend from the same weights)",
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="start each seed's sparse model from the kernels and biases of a --save-init file",
+    )
+    return parser
+
+
+def save_initial_weights(path, seeds, build):
+    """Each seed's initial kernels and biases (`build(seed)`'s sparse layers), as
+    `<seed>/<layer>/<name>`."""
+    import keras
+    import numpy as np
+
+    import keras_sparse as ks
+
+    arrays = {}
+    for seed in seeds:
+        for layer in ks.sparse_layers(build(seed)):
+            for name in ("kernel", "bias"):
+                value = keras.ops.convert_to_numpy(getattr(layer, name))
+                arrays[f"{seed}/{layer.name}/{name}"] = value
+    np.savez(path, **arrays)
+
+
+def load_initial_weights(model, path, seed):
+    """The kernels and biases `save_initial_weights` wrote for `seed`, into `model`."""
+    import numpy as np
+
+    import keras_sparse as ks
+
+    arrays = np.load(path)
+    for layer in ks.sparse_layers(model):
+        for name in ("kernel", "bias"):
+            key = f"{seed}/{layer.name}/{name}"
+            if key not in arrays:
+                raise SystemExit(f"--init-from {path}: no {key!r} (saved for other seeds?)")
+            getattr(layer, name).assign(arrays[key])

@@ -36,7 +36,14 @@ import sys
 import time
 from pathlib import Path
 
-from _ablation import add_ablation_arguments, held_out, temperature_schedule
+from _ablation import (
+    add_ablation_arguments,
+    add_initial_weights_arguments,
+    held_out,
+    load_initial_weights,
+    save_initial_weights,
+    temperature_schedule,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -74,6 +81,7 @@ def parse_args(argv=None):
         help="the driver's update_every (default: SparsityScheduler's)",
     )
     add_ablation_arguments(parser)
+    add_initial_weights_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -88,6 +96,16 @@ def lenet(layer_factory):
             layer_factory(10, name="out"),
         ]
     )
+
+
+def sparse_lenet(seed):
+    """The `sparse_linear` model as `run_one` builds it for `seed`, before any training."""
+    import keras
+
+    import keras_sparse as ks
+
+    keras.utils.set_random_seed(seed)
+    return lenet(ks.SparseLinear)
 
 
 # Kernel weights of LeNet-300-100: every method's sparsity is counted against them.
@@ -141,6 +159,8 @@ def run_one(method, target, seed, args, data):
         final = model
     elif method == "sparse_linear":
         model = lenet(ks.SparseLinear)
+        if args.init_from:
+            load_initial_weights(model, args.init_from, seed)
         compile_model(model)
         end_step = int(args.end_fraction * total_steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
@@ -242,6 +262,10 @@ def main(argv=None):
     targets = [float(t) for t in args.targets.split(",")]
     neuron_targets = [float(t) for t in args.neuron_targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.save_init:
+        save_initial_weights(args.save_init, seeds, sparse_lenet)
+        print(f"wrote {args.save_init}")
+        return
     rows = []
     for method in args.methods.split(","):
         method_targets = {"dense": [0.0], "sparse_linear_neuron": neuron_targets}

@@ -35,7 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-from _ablation import add_ablation_arguments, held_out, temperature_schedule
+from _ablation import (
+    add_ablation_arguments,
+    add_initial_weights_arguments,
+    held_out,
+    load_initial_weights,
+    save_initial_weights,
+    temperature_schedule,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -93,17 +100,7 @@ def add_recipe_arguments(parser):
     parser.add_argument(
         "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
     )
-    parser.add_argument(
-        "--save-init",
-        default=None,
-        help="write the initial kernels and biases of each seed's model on this backend to "
-        "this .npz, then exit (to start another backend from the same weights)",
-    )
-    parser.add_argument(
-        "--init-from",
-        default=None,
-        help="start each seed's sparse model from the kernels and biases of a --save-init file",
-    )
+    add_initial_weights_arguments(parser)
     return parser
 
 
@@ -287,36 +284,6 @@ def sparse_lenet5(seed):
     return lenet5(ks.SparseConv2D, ks.SparseLinear, keras)
 
 
-def save_initial_weights(path, seeds):
-    """Each seed's initial kernels and biases on this backend, as `<seed>/<layer>/<name>`."""
-    import keras
-    import numpy as np
-
-    import keras_sparse as ks
-
-    arrays = {}
-    for seed in seeds:
-        for layer in ks.sparse_layers(sparse_lenet5(seed)):
-            for name in ("kernel", "bias"):
-                value = keras.ops.convert_to_numpy(getattr(layer, name))
-                arrays[f"{seed}/{layer.name}/{name}"] = value
-    np.savez(path, **arrays)
-
-
-def load_initial_weights(model, path, seed):
-    import numpy as np
-
-    import keras_sparse as ks
-
-    arrays = np.load(path)
-    for layer in ks.sparse_layers(model):
-        for name in ("kernel", "bias"):
-            key = f"{seed}/{layer.name}/{name}"
-            if key not in arrays:
-                raise SystemExit(f"--init-from {path}: no {key!r} (saved for other seeds?)")
-            getattr(layer, name).assign(arrays[key])
-
-
 def median_rows(rows):
     groups = {}
     for row in rows:
@@ -343,7 +310,7 @@ def main(argv=None):
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.save_init:
-        save_initial_weights(args.save_init, seeds)
+        save_initial_weights(args.save_init, seeds, sparse_lenet5)
         print(f"wrote {args.save_init}")
         return
     rows = []
