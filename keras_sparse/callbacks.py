@@ -98,8 +98,10 @@ class SparsityScheduler(keras.callbacks.Callback):
       evaluated.
     * **Freeze.** At `schedule.end_step` (when `freeze_at_end=True`) the
       masks are fixed at exactly the target (ranking weights on their
-      learned margin) and hard-pruned, the survivors keeping the weights
-      training used (`kernel * soft_mask`); the rest of training fine-tunes the
+      learned margin) and hard-pruned, the surviving weights keeping the
+      values training used (`kernel * soft_mask`; whole units, with
+      `granularity="neuron"` or `"head"`, keep their raw weights); the rest of
+      training fine-tunes the
       survivors with the fixed mask alone (no sigmoid, no penalty), so
       `model.evaluate` measures exactly the model `keras_sparse.strip()`
       hands over.
@@ -649,10 +651,13 @@ class SparsityScheduler(keras.callbacks.Callback):
             ]
             for mask, c, (margins, _, to_kernel) in zip(group, chosen, candidates):
                 keep = to_kernel(ops.logical_and(c, ops.isfinite(margins)))
-                # The survivors keep the weights training used (the kernel times
-                # its soft mask), so the freeze changes the model only by the
-                # weights it removes; the pruning guide measures what that gains.
-                mask.kernel.assign(mask.trained_kernel(ops.convert_to_tensor(mask.kernel)))
+                if mask.options.granularity != "neuron":
+                    # The surviving weights keep the values training used (the kernel
+                    # times its soft mask), so the freeze changes the model only by the
+                    # weights it removes. Whole units (neurons, filters, heads) keep
+                    # their raw weights: scaling each by its unit's soft mask cost
+                    # accuracy. The pruning guide measures both.
+                    mask.kernel.assign(mask.trained_kernel(ops.convert_to_tensor(mask.kernel)))
                 mask.prune_mask.assign(ops.logical_and(mask.prune_mask, keep))
                 mask.threshold.assign(ops.zeros(mask.threshold.shape))
                 mask.assign_hard_pruned()
