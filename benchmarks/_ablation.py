@@ -85,6 +85,16 @@ def add_initial_weights_arguments(parser):
     return parser
 
 
+def check_initial_weights_methods(parser, args, sparse_method):
+    """`--init-from` loads into the `sparse_method` runs only: an error if others would run."""
+    others = [m for m in args.methods.split(",") if m != sparse_method]
+    if args.init_from and others:
+        parser.error(
+            f"--init-from applies to --methods {sparse_method} only; "
+            f"received --methods {args.methods}"
+        )
+
+
 def save_initial_weights(path, seeds, build):
     """Each seed's initial kernels and biases (`build(seed)`'s sparse layers), as
     `<seed>/<layer>/<name>`."""

@@ -39,6 +39,7 @@ from pathlib import Path
 from _ablation import (
     add_ablation_arguments,
     add_initial_weights_arguments,
+    check_initial_weights_methods,
     held_out,
     load_initial_weights,
     save_initial_weights,
@@ -82,7 +83,9 @@ def parse_args(argv=None):
     )
     add_ablation_arguments(parser)
     add_initial_weights_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_initial_weights_methods(parser, args, "sparse_linear")
+    return args
 
 
 def lenet(layer_factory):

@@ -38,6 +38,7 @@ from pathlib import Path
 from _ablation import (
     add_ablation_arguments,
     add_initial_weights_arguments,
+    check_initial_weights_methods,
     held_out,
     load_initial_weights,
     save_initial_weights,
@@ -130,6 +131,7 @@ def parse_args(argv=None, parser=None):
         parser.error("no MNIST folder: pass --mnist DIR or set $KERAS_SPARSE_MNIST_DIR")
     if not Path(args.mnist).is_dir():
         parser.error(f"--mnist {args.mnist!r} is not a folder")
+    check_initial_weights_methods(parser, args, "sparse")
     return args
 
 
