@@ -1,6 +1,20 @@
-"""What the accuracy benchmarks share for ablations: where a run is scored, where its
-ramp ends, the driver's temperature (mnist_lenet.py, mnist_lenet5.py, mnist_vit.py), and the
-initial weights of one backend carried to another (mnist_lenet.py, mnist_lenet5.py)."""
+"""What the accuracy benchmarks share: the MNIST folder's flag; for ablations, where a run is
+scored, where its ramp ends, the driver's temperature (mnist_lenet.py, mnist_lenet5.py,
+mnist_vit.py), and the initial weights of one backend carried to another (mnist_lenet.py,
+mnist_lenet5.py)."""
+
+
+def add_data_argument(parser):
+    """`--mnist DIR` (also `--data DIR`) as `args.data`: the folder with the MNIST IDX files;
+    `None` lets `load_mnist` read $KERAS_SPARSE_MNIST_DIR."""
+    parser.add_argument(
+        "--mnist",
+        "--data",
+        dest="data",
+        metavar="DIR",
+        help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
+    )
+    return parser
 
 
 def add_validation_arguments(parser):

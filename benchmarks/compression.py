@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+from _ablation import add_data_argument
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -24,13 +26,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="jax", choices=("tensorflow", "jax", "torch"))
     parser.add_argument("--target", type=float, default=0.95)
-    parser.add_argument(
-        "--mnist",
-        "--data",
-        dest="data",
-        metavar="DIR",
-        help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from _ablation import (
     add_ablation_arguments,
+    add_data_argument,
     add_initial_weights_arguments,
     check_initial_weights_methods,
     held_out,
@@ -53,13 +54,7 @@ BACKENDS = ("tensorflow", "jax", "torch")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="jax", choices=(*BACKENDS, "all"))
-    parser.add_argument(
-        "--mnist",
-        "--data",
-        dest="data",
-        metavar="DIR",
-        help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--methods", default="dense,sparse_linear,one_shot")
     parser.add_argument("--targets", default="0.9,0.95,0.98")
     parser.add_argument("--neuron-targets", default="0.5,0.75,0.9")

@@ -25,19 +25,15 @@ import statistics
 import time
 from pathlib import Path
 
+from _ablation import add_data_argument
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--match", default=str(RESULTS / "neuron_mnist_jax.json"))
-    parser.add_argument(
-        "--mnist",
-        "--data",
-        dest="data",
-        metavar="DIR",
-        help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default=str(RESULTS / "neuron_mnist_torch_ln_structured.json"))
