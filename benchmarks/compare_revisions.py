@@ -8,6 +8,13 @@ versions see the same noise.
 
     python benchmarks/compare_revisions.py --backend tensorflow --base HEAD~1 --memory
 
+With `--fit WIDTH`, it times whole `model.fit` steps instead (Adam, the
+batch size of `--batch`, synthetic MNIST-shaped data) of a 784-WIDTH-WIDTH-10
+MLP built from `Dense`, the base's `SparseLinear` and the working tree's, with
+no sparsity driver; `--steps` steps per timed epoch:
+
+    python benchmarks/compare_revisions.py --backend torch --fit 4096 --steps 8 --rounds 5
+
 The base revision's `keras_sparse/` is extracted with `git show` into a
 temporary directory and imported as `keras_sparse_base`.
 """
@@ -58,6 +65,8 @@ def main(argv=None):
     parser.add_argument(
         "--eager", action="store_true", help="PyTorch: eager steps instead of torch.compile"
     )
+    parser.add_argument("--fit", type=int, default=None, metavar="WIDTH", help="time model.fit")
+    parser.add_argument("--steps", type=int, default=20, help="--fit: steps per timed epoch")
     args = parser.parse_args(argv)
 
     os.environ["KERAS_BACKEND"] = args.backend
@@ -75,6 +84,9 @@ def main(argv=None):
             "base": importlib.import_module("keras_sparse_base").SparseLinear,
             "current": importlib.import_module("keras_sparse").SparseLinear,
         }
+        if args.fit is not None:
+            compare_fit(args, versions, speed)
+            return
         size, batch = args.size, args.batch
         layers = {}
         for version, cls in versions.items():
@@ -112,6 +124,48 @@ def main(argv=None):
             for name in layers:
                 if name != "dense":
                     print(f"  {name:22s} {total[name] / total['dense']:.2f}x")
+
+
+def compare_fit(args, versions, speed):
+    """`model.fit` steps of the MLP of `--fit` with each layer class, in interleaved rounds."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    samples = args.batch * args.steps
+    x = rng.normal(size=(samples, 784)).astype("float32")
+    y = rng.integers(0, 10, size=(samples,))
+    classes = {"dense": keras.layers.Dense, **versions}
+    runs = {}
+    for name, layer in classes.items():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((784,)),
+                layer(args.fit, activation="relu"),
+                layer(args.fit, activation="relu"),
+                layer(10),
+            ]
+        )
+        model.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+        def epoch(model=model):
+            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
+
+        runs[name] = epoch
+    times, ratios = speed.interleaved(runs, args.rounds, args.target)
+    print(
+        f"{args.backend} model.fit, 784-{args.fit}-{args.fit}-10, batch {args.batch}, "
+        f"{args.steps} steps an epoch, base = {args.base}"
+    )
+    print(f"  dense                  {times['dense'] / args.steps * 1e3:.1f} ms a step")
+    print("fit step / Dense (median, per-round range):")
+    for name in versions:
+        low, high = ratios[f"{name}_range"]
+        print(f"  {name:22s} {ratios[name]:.3f}x  ({low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,26 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
 
 _TORCH_SOFT_MASKED_KERNEL = None
 
+# Eager PyTorch on a CPU runs the mask's ops on slices of a large kernel, of
+# about this many elements, so that the chain of passes over a
+# slice stays in the caches instead of going to memory at every op. A kernel
+# that fits is not sliced: there slicing only adds ops (measured with
+# `benchmarks/compare_revisions.py --fit`).
+_CPU_SLICE_ELEMENTS = 1 << 20
+
+
+def _torch_row_slices(kernel):
+    """Slices of `kernel`'s first axis to run the mask's ops on; `[None]`: the whole kernel.
+
+    On a GPU each op over the whole kernel is one launch, and slicing would
+    only add launches.
+    """
+    rows, row_size = kernel.shape[0], math.prod(kernel.shape[1:])
+    step = max(1, _CPU_SLICE_ELEMENTS // max(1, row_size))
+    if kernel.device.type != "cpu" or step >= rows:
+        return [None]
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
 
 def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
     """`_soft_masked_kernel` for eager PyTorch, as a `torch.autograd.Function`.
@@ -247,38 +267,92 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
     and autodiff of `soft()` adds a pass for every op's backward and for
     every broadcast; this computes the same values and gradients in place,
     from the one saved mask (with `prune_mask` in {0, 1},
-    `mask * (1 - soft) == mask * (1 - mask)`). Not under `torch.compile`,
-    which fuses the autodiff of `soft()` itself.
+    `mask * (1 - soft) == mask * (1 - mask)`), slice by slice on a CPU
+    (`_torch_row_slices`). Not under `torch.compile`, which fuses the
+    autodiff of `soft()` itself.
     """
     global _TORCH_SOFT_MASKED_KERNEL
     if _TORCH_SOFT_MASKED_KERNEL is None:
         import torch
 
+        sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
+
+        def part(tensor, rows):
+            """`tensor`'s slice `rows` (`None`: all of it; a size-1 first axis broadcasts).
+
+            No tensor (`None`, an `out=` left to the op) stays `None`.
+            """
+            if tensor is None or rows is None or tensor.shape[0] == 1:
+                return tensor
+            return tensor[rows]
+
         class SoftMaskedKernel(torch.autograd.Function):
             @staticmethod
             def forward(ctx, kernel, threshold, prune_mask, temperature):
-                mask = torch.abs(kernel).sub_(threshold).mul_(temperature).sigmoid_()
-                mask.mul_(prune_mask)
+                slices = _torch_row_slices(kernel)
+                # Slices write into the two outputs; the whole kernel's ops allocate them.
+                mask = masked = None
+                if slices != [None]:
+                    mask, masked = torch.empty_like(kernel), torch.empty_like(kernel)
+                for rows in slices:
+                    weights = part(kernel, rows)
+                    soft = torch.abs(weights, out=part(mask, rows))
+                    soft.sub_(part(threshold, rows)).mul_(temperature).sigmoid_()
+                    soft.mul_(part(prune_mask, rows))
+                    product = torch.mul(weights, soft, out=part(masked, rows))
+                if mask is None:
+                    mask, masked = soft, product
                 ctx.save_for_backward(kernel, mask, temperature)
+                ctx.threshold_dtype = threshold.dtype
                 ctx.threshold_shape = threshold.shape
-                return kernel * mask, mask.mean()
+                return masked, mask.mean()
 
             @staticmethod
             def backward(ctx, grad_kernel_out, grad_mean):
                 kernel, mask, temperature = ctx.saved_tensors
-                # In place on one kernel-sized buffer, so that the backward
-                # holds at most two at once beside its inputs. `minus` is
-                # `-d/dthreshold` per weight: `(g_w * kernel + g_mean / size) * factor`.
-                minus = torch.addcmul(grad_mean / mask.numel(), grad_kernel_out, kernel)
-                minus.mul_(torch.addcmul(mask, mask, mask, value=-1.0)).mul_(temperature)
+                shape = ctx.threshold_shape
                 summed = tuple(
                     axis
-                    for axis, (t, k) in enumerate(zip(ctx.threshold_shape, kernel.shape))
+                    for axis, (t, k) in enumerate(zip(shape, kernel.shape))
                     if t == 1 and k != 1
                 )
-                grad_threshold = -(minus.sum(summed, keepdim=True) if summed else minus)
-                # d/dkernel = g_w * mask + sign(kernel) * minus
-                grad_kernel = minus.mul_(torch.sign(kernel)).addcmul_(grad_kernel_out, mask)
+                slices = _torch_row_slices(kernel)
+                # One threshold for all the rows (size 1 on the first axis): slices add into it.
+                accumulate = len(slices) > 1 and shape[0] == 1
+                if len(slices) > 1:
+                    new = torch.zeros if accumulate else torch.empty
+                    grad_threshold = new(shape, dtype=ctx.threshold_dtype, device=kernel.device)
+                grad_kernel = sign = None
+                if slices != [None]:
+                    grad_kernel = torch.empty_like(kernel)
+                    # sign(kernel), slice by slice in one buffer
+                    sign = torch.empty_like(kernel[slices[0]])
+                per_weight_mean = grad_mean / mask.numel()
+                for rows in slices:
+                    weights, soft = part(kernel, rows), part(mask, rows)
+                    # `minus` is `-d/dthreshold` per weight:
+                    # `(g_w * kernel + g_mean / size) * mask * (1 - mask) * temperature`.
+                    minus = torch.addcmul(
+                        per_weight_mean,
+                        part(grad_kernel_out, rows),
+                        weights,
+                        out=part(grad_kernel, rows),
+                    )
+                    sigmoid_backward(minus, soft, grad_input=minus).mul_(temperature)
+                    reduced = minus.sum(summed, keepdim=True) if summed else minus
+                    if accumulate:
+                        grad_threshold.sub_(reduced)
+                    elif rows is None:
+                        grad_threshold = -reduced
+                    else:
+                        torch.neg(reduced, out=part(grad_threshold, rows))
+                    # d/dkernel = g_w * mask + sign(kernel) * minus
+                    sign_part = torch.sign(
+                        weights, out=None if sign is None else sign[: len(weights)]
+                    )
+                    minus.mul_(sign_part).addcmul_(part(grad_kernel_out, rows), soft)
+                if grad_kernel is None:
+                    grad_kernel = minus
                 return grad_kernel, grad_threshold, None, None
 
         _TORCH_SOFT_MASKED_KERNEL = SoftMaskedKernel

@@ -93,13 +93,21 @@ def test_threshold_gradient_matches_finite_differences(rng):
     np.testing.assert_allclose(d_threshold, numeric, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("slices", ["whole_kernel", "row_by_row"])
 @pytest.mark.parametrize("structured", [True, False])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "soft_inference"])
-def test_penalty_and_pruned_weights_gradients_match_finite_differences(rng, structured, training):
+def test_penalty_and_pruned_weights_gradients_match_finite_differences(
+    rng, structured, training, slices, monkeypatch
+):
     # The loss `fit` sees, `sum(y * upstream) + penalty * mean(mask)`, with some
     # weights already pruned: its gradients against float64 central differences.
-    # In training, TensorFlow takes its fused gradient and the others autodiff; the soft
-    # inference mask (no penalty there) is autodiff on every backend.
+    # In training, TensorFlow and eager PyTorch take their fused gradients and JAX
+    # autodiff; the soft inference mask (no penalty there) is autodiff on every backend.
+    # Eager PyTorch on a CPU runs its fused mask on slices of the kernel's rows.
+    if slices == "row_by_row":
+        from keras_sparse import mask as mask_module
+
+        monkeypatch.setattr(mask_module, "_CPU_SLICE_ELEMENTS", 1)
     layer = make_layer(
         rng, structured=structured, temperature=2.0, inference_mask="hard" if training else "soft"
     )
