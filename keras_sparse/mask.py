@@ -204,15 +204,16 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
 
     `mask = sigmoid((|kernel| - threshold) * temperature) * prune_mask`, where
     `threshold` has the kernel's rank (size 1 on the reduction axes when there
-    is one threshold per output unit). The backward pass recomputes the
-    sigmoid instead of keeping it, and computes both inputs' gradients from
-    one shared factor, `u = prune_mask * temperature * s * (1 - s)`:
+    is one threshold per output unit). The backward pass keeps the mask
+    alone, and computes both inputs' gradients from one shared factor,
+    `u = temperature * mask * (1 - mask)` (with `prune_mask` in {0, 1}, the
+    sigmoid's derivative where a weight is alive, zero where it is pruned):
 
         d/dthreshold (per weight) = -(g_w * kernel + g_mean / size) * u
         d/dkernel                 = g_w * mask - sign(kernel) * d/dthreshold
 
-    Used on TensorFlow, where it measured faster than autodiff
-    (`benchmarks/compare_revisions.py`); XLA fuses JAX's autodiff alike.
+    Used on TensorFlow and JAX, where it measured faster than autodiff, with
+    less memory for a per-weight threshold (`benchmarks/compare_revisions.py`).
     Keras's PyTorch custom gradients take one output only: eager PyTorch
     takes `_torch_soft_masked_kernel`, the same maths in place.
     """
@@ -227,7 +228,7 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
         if upstream is None:  # TensorFlow: one argument per output; JAX: one tuple
             upstream = upstreams if len(upstreams) == 2 else upstreams[0]
         grad_kernel_out, grad_mean = upstream
-        factor = mask * (1.0 - soft) * temperature
+        factor = mask * (1.0 - mask) * temperature
         grad_threshold = -(grad_kernel_out * kernel + grad_mean / size) * factor
         grad_kernel = grad_kernel_out * mask - ops.sign(kernel) * grad_threshold
         if summed_axes:  # one threshold per output unit
@@ -631,14 +632,14 @@ class KernelMask:
     def _fused_training(self):
         """The hand-fused training mask of this backend, or `None` for autodiff of `soft()`.
 
-        TensorFlow's `_soft_masked_kernel`, eager PyTorch's
+        `_soft_masked_kernel` on TensorFlow and JAX, eager PyTorch's
         `_torch_soft_masked_kernel`; for the weight granularity without the
         straight-through mix.
         """
         if self.options.granularity != "weight" or self.options.straight_through:
             return None
         backend = keras.backend.backend()
-        if backend == "tensorflow":
+        if backend in ("tensorflow", "jax"):
             return _soft_masked_kernel
         if backend == "torch":
             import torch

@@ -101,8 +101,9 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(
 ):
     # The loss `fit` sees, `sum(y * upstream) + penalty * mean(mask)`, with some
     # weights already pruned: its gradients against float64 central differences.
-    # In training, TensorFlow and eager PyTorch take their fused gradients and JAX
-    # autodiff; the soft inference mask (no penalty there) is autodiff on every backend.
+    # In training, every backend takes its fused gradient (TensorFlow and JAX one,
+    # eager PyTorch its own); the soft inference mask (no penalty there) is autodiff on
+    # every backend.
     # Eager PyTorch on a CPU runs its fused mask on slices of the kernel's rows.
     if slices == "row_by_row":
         from keras_sparse import mask as mask_module
@@ -145,8 +146,8 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(
 
 
 def test_training_takes_the_backends_own_path(rng, monkeypatch):
-    # TensorFlow and eager PyTorch train through their hand-fused gradients, JAX through
-    # autodiff of `soft()`: the tests above then check each backend's own path.
+    # TensorFlow and JAX train through `_soft_masked_kernel`'s hand-fused gradient, eager
+    # PyTorch through its own: the tests above then check each backend's own path.
     from keras_sparse import mask as mask_module
 
     calls = []
@@ -162,6 +163,7 @@ def test_training_takes_the_backends_own_path(rng, monkeypatch):
     layer(rng.normal(size=(2, 6)).astype("float32"), training=True)
     expected = {
         "tensorflow": ["_soft_masked_kernel"],
+        "jax": ["_soft_masked_kernel"],
         "torch": ["_torch_soft_masked_kernel"],
     }.get(keras.backend.backend(), [])
     assert calls == expected
@@ -394,9 +396,8 @@ def test_hard_prune_zeroes_pruned_weights_and_resets_the_threshold():
     assert layer.density() == pytest.approx(0.5)
 
 
-# Every path a pruned weight could come back through: the training mask (TensorFlow's
-# fused gradient, autodiff elsewhere), the straight-through mix, the soft inference mask
-# and the hard one.
+# Every path a pruned weight could come back through: the training mask (each backend's
+# fused gradient), the straight-through mix, the soft inference mask and the hard one.
 PATHS = {
     "training": ({}, True),
     "straight_through": ({"straight_through": True}, True),
