@@ -11,7 +11,8 @@ is the same for every layer type, so it lives here once:
 * the formulas, in `keras.ops`: the soft mask
   `sigmoid((|kernel| - threshold) * temperature)` at the layer's
   granularity, the hard mask `|kernel| >= threshold`, the straight-through
-  mix, and TensorFlow's hand-fused gradient;
+  mix, and the hand-fused gradient that TensorFlow and JAX train through
+  (eager PyTorch has its own, `_torch_soft_masked_kernel`);
 * the statistics and actions: `density`, `num_active`, `effective_weight`,
   `hard_prune`, `reset_threshold`.
 
