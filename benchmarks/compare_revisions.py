@@ -128,29 +128,15 @@ def main(argv=None):
 
 def compare_fit(args, versions, speed):
     """`model.fit` steps of the MLP of `--fit` with each layer class, in interleaved rounds."""
+    import fit_speed
     import keras
-    import numpy as np
 
-    rng = np.random.default_rng(0)
-    samples = args.batch * args.steps
-    x = rng.normal(size=(samples, 784)).astype("float32")
-    y = rng.integers(0, 10, size=(samples,))
+    x, y = fit_speed.data(argparse.Namespace(batch_size=args.batch, steps=args.steps))
     classes = {"dense": keras.layers.Dense, **versions}
     runs = {}
     for name, layer in classes.items():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [
-                keras.Input((784,)),
-                layer(args.fit, activation="relu"),
-                layer(args.fit, activation="relu"),
-                layer(10),
-            ]
-        )
-        model.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        model = fit_speed.compiled(fit_speed.mlp(layer, (args.fit, args.fit)))
 
         def epoch(model=model):
             model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)

@@ -91,6 +91,26 @@ def data(args):
     return rng.random((n, 784), dtype="float32"), rng.integers(0, 10, n).astype("int32")
 
 
+def mlp(dense, hidden):
+    """784 inputs, `dense` layers of the `hidden` widths (relu), 10 logits."""
+    import keras
+
+    return keras.Sequential(
+        [keras.Input((784,))] + [dense(width, activation="relu") for width in hidden] + [dense(10)]
+    )
+
+
+def compiled(model):
+    """`model` compiled as every variant is: Adam, cross-entropy on logits."""
+    import keras
+
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
 def keras_variants(args, hidden):
     """`{variant: (model, callbacks for each timed fit)}`, each warmed up."""
     import keras
@@ -100,20 +120,6 @@ def keras_variants(args, hidden):
     x, y = data(args)
     fit = dict(batch_size=args.batch_size, verbose=0)
 
-    def mlp(dense):
-        return keras.Sequential(
-            [keras.Input((784,))]
-            + [dense(width, activation="relu") for width in hidden]
-            + [dense(10)]
-        )
-
-    def compiled(model):
-        model.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        return model
-
     far = 10**9  # a ramp that never ends while timed
 
     def driver():
@@ -122,10 +128,10 @@ def keras_variants(args, hidden):
         return [ks.SparsityScheduler(schedule, **every)]
 
     variants = {
-        "dense": (compiled(mlp(keras.layers.Dense)), lambda: []),
-        "sparse": (compiled(mlp(ks.SparseLinear)), lambda: []),
-        "driver": (compiled(mlp(ks.SparseLinear)), driver),
-        "frozen": (compiled(mlp(ks.SparseLinear)), lambda: []),
+        "dense": (compiled(mlp(keras.layers.Dense, hidden)), lambda: []),
+        "sparse": (compiled(mlp(ks.SparseLinear, hidden)), lambda: []),
+        "driver": (compiled(mlp(ks.SparseLinear, hidden)), driver),
+        "frozen": (compiled(mlp(ks.SparseLinear, hidden)), lambda: []),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unfinished ramp warns at each fit's end

@@ -199,6 +199,13 @@ def _unmasked(kernel, prune_mask):
     return kernel, grad
 
 
+def _summed_axes(threshold_shape, kernel_shape):
+    """The kernel's axes a per-unit threshold spans (size 1 there): its gradient sums them."""
+    return tuple(
+        axis for axis, (t, k) in enumerate(zip(threshold_shape, kernel_shape)) if t == 1 and k != 1
+    )
+
+
 @ops.custom_gradient
 def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
     """`(kernel * mask, mean(mask))` for the soft mask, with a hand-fused gradient.
@@ -221,9 +228,7 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
     soft = ops.sigmoid((ops.abs(kernel) - threshold) * temperature)
     mask = soft * ops.cast(prune_mask, soft.dtype)
     size = float(np.prod(kernel.shape))
-    summed_axes = tuple(
-        axis for axis, (t, k) in enumerate(zip(threshold.shape, kernel.shape)) if t == 1 and k != 1
-    )
+    summed_axes = _summed_axes(threshold.shape, kernel.shape)
 
     def grad(*upstreams, upstream=None):
         if upstream is None:  # TensorFlow: one argument per output; JAX: one tuple
@@ -305,6 +310,7 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
                 if mask is None:
                     mask, masked = soft, product
                 ctx.save_for_backward(kernel, mask, temperature)
+                ctx.slices = slices
                 ctx.threshold_dtype = threshold.dtype
                 ctx.threshold_shape = threshold.shape
                 return masked, mask.mean()
@@ -312,13 +318,8 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
             @staticmethod
             def backward(ctx, grad_kernel_out, grad_mean):
                 kernel, mask, temperature = ctx.saved_tensors
-                shape = ctx.threshold_shape
-                summed = tuple(
-                    axis
-                    for axis, (t, k) in enumerate(zip(shape, kernel.shape))
-                    if t == 1 and k != 1
-                )
-                slices = _torch_row_slices(kernel)
+                shape, slices = ctx.threshold_shape, ctx.slices
+                summed = _summed_axes(shape, kernel.shape)
                 # One threshold for all the rows (size 1 on the first axis): slices add into it.
                 accumulate = len(slices) > 1 and shape[0] == 1
                 if len(slices) > 1:
