@@ -15,6 +15,11 @@ no sparsity driver; `--steps` steps per timed epoch:
 
     python benchmarks/compare_revisions.py --backend torch --fit 4096 --steps 8 --rounds 5
 
+`--frozen` times those fits after the freeze instead: every mask frozen, so
+that training multiplies each kernel by its fixed `prune_mask` (a random
+half of the weights kept, the same for both versions), after one epoch of
+training with the soft mask.
+
 The base revision's `keras_sparse/` is extracted with `git show` into a
 temporary directory and imported as `keras_sparse_base`.
 """
@@ -67,7 +72,10 @@ def main(argv=None):
     )
     parser.add_argument("--fit", type=int, default=None, metavar="WIDTH", help="time model.fit")
     parser.add_argument("--steps", type=int, default=20, help="--fit: steps per timed epoch")
+    parser.add_argument("--frozen", action="store_true", help="--fit: after the freeze")
     args = parser.parse_args(argv)
+    if args.frozen and args.fit is None:
+        parser.error("--frozen times model.fit after the freeze: it needs --fit WIDTH")
 
     os.environ["KERAS_BACKEND"] = args.backend
     sys.path[:0] = [HERE, ROOT]
@@ -137,6 +145,12 @@ def compare_fit(args, versions, speed):
     for name, layer in classes.items():
         keras.utils.set_random_seed(0)
         model = fit_speed.compiled(fit_speed.mlp(layer, (args.fit, args.fit)))
+        if args.frozen and name != "dense":
+            # One epoch before the freeze, so that the optimizer's moments of the
+            # pruned weights hold what training left there (a moment of exactly
+            # zero makes PyTorch's square root several times slower on a CPU).
+            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
+            freeze(model)
 
         def epoch(model=model):
             model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
@@ -146,12 +160,24 @@ def compare_fit(args, versions, speed):
     print(
         f"{args.backend} model.fit, 784-{args.fit}-{args.fit}-10, batch {args.batch}, "
         f"{args.steps} steps an epoch, base = {args.base}"
+        + (", every mask frozen" if args.frozen else "")
     )
     print(f"  dense                  {times['dense'] / args.steps * 1e3:.1f} ms a step")
     print("fit step / Dense (median, per-round range):")
     for name in versions:
         low, high = ratios[f"{name}_range"]
         print(f"  {name:22s} {ratios[name]:.3f}x  ({low:.2f}-{high:.2f})")
+
+
+def freeze(model):
+    """Freeze every mask of `model` at a random half of its weights (seeded: versions alike)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        for mask in getattr(layer, "masks", {}).values():
+            mask.prune_mask.assign(rng.random(mask.shape) < 0.5)
+            mask.frozen = True
 
 
 if __name__ == "__main__":

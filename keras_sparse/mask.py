@@ -182,6 +182,23 @@ OPTION_NAMES = tuple(field.name for field in dataclasses.fields(MaskOptions))
 # ---------------------------------------------------------------- gradients
 
 
+def _float_mask(mask, dtype="float32"):
+    """A boolean tensor as 0.0 / 1.0 of `dtype`.
+
+    Eager PyTorch on a CPU converts a bool tensor, or multiplies a float
+    tensor by one, several times slower than the same bytes read as uint8
+    (docs/benchmarks.md, "Boolean masks in eager PyTorch"): there the bytes
+    are read as uint8. Traced code (`torch.compile`, export) casts as usual.
+    """
+    if _eager_torch():
+        import torch
+
+        mask = ops.convert_to_tensor(mask)
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+    return ops.cast(mask, dtype)
+
+
 @ops.custom_gradient
 def _unmasked(kernel, prune_mask):
     """`kernel` as it is, with the gradient of `kernel * prune_mask`.
@@ -194,7 +211,7 @@ def _unmasked(kernel, prune_mask):
     def grad(*args, upstream=None):
         if upstream is None:  # JAX and TensorFlow pass it positionally
             (upstream,) = args
-        return upstream * ops.cast(prune_mask, upstream.dtype), None
+        return upstream * _float_mask(prune_mask, upstream.dtype), None
 
     return kernel, grad
 
@@ -299,6 +316,7 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
                 slices = _torch_row_slices(kernel)
                 # Slices write into the two outputs; the whole kernel's ops allocate them.
                 mask = masked = None
+                prune_mask = prune_mask.view(torch.uint8)  # see `_float_mask`
                 if slices != [None]:
                     mask, masked = torch.empty_like(kernel), torch.empty_like(kernel)
                 for rows in slices:
@@ -360,6 +378,51 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
 
         _TORCH_SOFT_MASKED_KERNEL = SoftMaskedKernel
     return _TORCH_SOFT_MASKED_KERNEL.apply(kernel, threshold, prune_mask, temperature)
+
+
+_TORCH_FROZEN_KERNEL = None
+
+
+def _torch_frozen_kernel(kernel, threshold, prune_mask):
+    """`kernel * prune_mask` for eager PyTorch after the freeze, and a zero threshold gradient.
+
+    The other backends keep the threshold in the graph with a zero loss term
+    (see `KernelMask.masked_kernel`); in eager PyTorch that term, the cast of
+    `prune_mask` and the product's autodiff are each a call of their own
+    whose Python cost weighs as much as the product at LeNet-300-100's size
+    (`benchmarks/compare_revisions.py --fit --frozen`). Here they are one
+    Function, whose backward gives the threshold its zero gradient
+    (`DistributedDataParallel` refuses a parameter without one).
+    """
+    global _TORCH_FROZEN_KERNEL
+    if _TORCH_FROZEN_KERNEL is None:
+        import torch
+
+        class FrozenKernel(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, kernel, threshold, prune_mask):
+                alive = prune_mask.view(torch.uint8).to(kernel.dtype)  # see `_float_mask`
+                ctx.save_for_backward(alive)
+                ctx.threshold = (threshold.shape, threshold.dtype, threshold.device)
+                return kernel * alive
+
+            @staticmethod
+            def backward(ctx, grad):
+                (alive,) = ctx.saved_tensors
+                shape, dtype, device = ctx.threshold
+                return grad * alive, torch.zeros(shape, dtype=dtype, device=device), None
+
+        _TORCH_FROZEN_KERNEL = FrozenKernel
+    return _TORCH_FROZEN_KERNEL.apply(kernel, threshold, prune_mask)
+
+
+def _eager_torch():
+    """Whether this call runs eagerly on PyTorch (not traced by `torch.compile` or for export)."""
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 # -------------------------------------------------------------- the component
@@ -584,7 +647,7 @@ class KernelMask:
         return threshold
 
     def _prune_mask_float(self):
-        return ops.cast(self.prune_mask.value, "float32")
+        return _float_mask(self.prune_mask.value)
 
     def soft(self, kernel):
         """The soft mask, `sigmoid((|kernel| - threshold) * temperature)`, at the granularity."""
@@ -629,7 +692,7 @@ class KernelMask:
 
     def hard(self, kernel):
         """`|kernel| >= threshold` (at the granularity) as float32, pruned weights at zero."""
-        return ops.cast(self.keep(kernel), "float32")
+        return _float_mask(self.keep(kernel))
 
     def _fused_training(self):
         """The hand-fused training mask of this backend, or `None` for autodiff of `soft()`.
@@ -640,14 +703,10 @@ class KernelMask:
         """
         if self.options.granularity != "weight" or self.options.straight_through:
             return None
-        backend = keras.backend.backend()
-        if backend in ("tensorflow", "jax"):
+        if keras.backend.backend() in ("tensorflow", "jax"):
             return _soft_masked_kernel
-        if backend == "torch":
-            import torch
-
-            if not torch.compiler.is_compiling():
-                return _torch_soft_masked_kernel
+        if _eager_torch():
+            return _torch_soft_masked_kernel
         return None
 
     def _start_training(self):
@@ -678,6 +737,8 @@ class KernelMask:
                 # term keeps the threshold in the graph, so that it gets a
                 # (zero) gradient: DistributedDataParallel refuses parameters
                 # without one, and TensorFlow warns about them.
+                if _eager_torch():
+                    return _torch_frozen_kernel(kernel, self.threshold.value, self.prune_mask.value)
                 self.layer.add_loss(0.0 * ops.sum(self.threshold.value))
                 return kernel * self._prune_mask_float()
             if self.driver is not None:
