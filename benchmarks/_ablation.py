@@ -1,7 +1,9 @@
-"""What the accuracy benchmarks share: the MNIST folder's flag; for ablations, where a run is
-scored, where its ramp ends, the driver's temperature (mnist_lenet.py, mnist_lenet5.py,
-mnist_vit.py), and the initial weights of one backend carried to another (mnist_lenet.py,
-mnist_lenet5.py)."""
+"""What the accuracy benchmarks share: the MNIST folder's flag and how a results file
+records it; for ablations, where a run is scored, where its ramp ends, the driver's
+temperature (mnist_lenet.py, mnist_lenet5.py, mnist_vit.py), and the initial weights of one
+backend carried to another (mnist_lenet.py, mnist_lenet5.py)."""
+
+import os
 
 
 def add_data_argument(parser):
@@ -15,6 +17,18 @@ def add_data_argument(parser):
         help="folder with the MNIST IDX files (default: $KERAS_SPARSE_MNIST_DIR)",
     )
     return parser
+
+
+def recorded_config(args, *dropped):
+    """`vars(args)` without `dropped`, as a results file records it.
+
+    The MNIST folder is recorded by its name alone: it lies outside the
+    repository, and its place differs from machine to machine.
+    """
+    config = {k: v for k, v in vars(args).items() if k not in dropped}
+    if config.get("data"):
+        config["data"] = os.path.basename(os.path.normpath(config["data"]))
+    return config
 
 
 def add_validation_arguments(parser):

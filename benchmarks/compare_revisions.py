@@ -111,10 +111,11 @@ def main(argv=None):
         runs = {name: adapter.train(layer, x, y) for name, layer in layers.items()}
         variant = {"tensorflow": "jit", "jax": "jit"}.get(args.backend)
         variant = variant or ("eager" if args.eager else "compile")
-        _, ratios = speed.interleaved(
+        times, ratios = speed.interleaved(
             {name: r[variant] for name, r in runs.items()}, args.rounds, args.target
         )
         print(f"{args.backend} {variant}, size {size}, batch {batch}, base = {args.base}")
+        print(f"  dense                  {times['dense'] * 1e3:.2f} ms a step")
         print("training step / Dense (median, per-round range):")
         for name in layers:
             if name != "dense":

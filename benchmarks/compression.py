@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from _ablation import add_data_argument
+from _ablation import add_data_argument, recorded_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,7 +97,7 @@ def main(argv=None):
         )
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"compression_{args.backend}.json"
-    path.write_text(json.dumps({"config": vars(args), "rows": out}, indent=1))
+    path.write_text(json.dumps({"config": recorded_config(args), "rows": out}, indent=1))
     print(f"\nwrote {path}")
 
 

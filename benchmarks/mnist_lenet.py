@@ -43,6 +43,7 @@ from _ablation import (
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
+    recorded_config,
     save_initial_weights,
     temperature_schedule,
 )
@@ -280,7 +281,7 @@ def main(argv=None):
                 )
     out = Path(args.out) if args.out else RESULTS / f"mnist_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "backend")}
+    config = recorded_config(args, "out", "backend")
     out.write_text(
         json.dumps({"config": config, "runs": rows, "median": median_rows(rows)}, indent=1)
     )

@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _ablation import add_data_argument
+from _ablation import add_data_argument, recorded_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -129,7 +129,7 @@ def main(argv=None):
     print("\n".join(table))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = recorded_config(args, "out")
     out.write_text(json.dumps({"config": config, "runs": rows, "table": table}, indent=1))
     print(f"wrote {out}")
 

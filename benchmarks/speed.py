@@ -72,6 +72,17 @@ GOALS = {
 # ---------------------------------------------------------------- timing
 
 
+def imported_from(package):
+    """Where `package` was imported from: this checkout, or an installed copy (with its version).
+
+    Not the path itself: it lies outside the repository and differs between machines.
+    """
+    folder = os.path.dirname(os.path.abspath(package.__file__))
+    if os.path.commonpath([folder, ROOT]) == ROOT:
+        return os.path.relpath(folder, ROOT)
+    return f"installed, {getattr(package, '__version__', 'unknown version')}"
+
+
 def interleaved(runs, rounds, target_s):
     """Median time per call of each `runs[name]()` and median ratios to `runs["dense"]`.
 
@@ -519,7 +530,7 @@ def run_backend(args):
         "backend": args.backend,
         "device": adapter.device,
         "versions": {"keras": keras.__version__, **adapter.versions()},
-        "keras_sparse": os.path.dirname(keras_sparse.__file__),
+        "keras_sparse": imported_from(keras_sparse),
         "memory_method": adapter.memory_method,
         "train": [],
         "infer": [],
