@@ -102,7 +102,8 @@ class SparsityScheduler(keras.callbacks.Callback):
       values training used (`kernel * soft_mask`; whole units, with
       `granularity="neuron"` or `"head"`, keep their raw weights); the rest of
       training fine-tunes the
-      survivors with the fixed mask alone (no sigmoid, no penalty), so
+      survivors with the fixed mask alone (no sigmoid, no penalty; the
+      thresholds, which a frozen mask does not read, stay at zero), so
       `model.evaluate` measures exactly the model `keras_sparse.strip()`
       hands over.
 

@@ -425,6 +425,28 @@ def _eager_torch():
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
+class _ThresholdConstraint(constraints.Constraint):
+    """A threshold's constraint: the layer's `threshold_constraint`, and zero once frozen.
+
+    The freeze zeroes the thresholds (`hard_prune()`), and a frozen mask
+    gives them a zero gradient; an optimizer with momentum would still move
+    them off zero with what it gathered before the freeze. A frozen mask
+    does not read its threshold, but the logs (`threshold_mean/...`) do, and
+    so would a mask unfrozen later. The optimizer applies this after each
+    update; `frozen` is Python state, read when the train step is traced
+    (the freeze retraces it).
+    """
+
+    def __init__(self, mask, constraint):
+        self.mask = mask
+        self.constraint = constraint
+
+    def __call__(self, threshold):
+        if self.mask.frozen:
+            return ops.zeros(threshold.shape, dtype=threshold.dtype)
+        return threshold if self.constraint is None else self.constraint(threshold)
+
+
 # -------------------------------------------------------------- the component
 
 
@@ -534,7 +556,7 @@ class KernelMask:
             shape=self.unit_shape if options.structured else shape,
             initializer=options.threshold_initializer,
             regularizer=options.threshold_regularizer,
-            constraint=options.threshold_constraint,
+            constraint=_ThresholdConstraint(self, options.threshold_constraint),
             dtype="float32",
             autocast=False,
         )

@@ -373,6 +373,19 @@ def test_a_scheduled_fit_through_the_freeze_raises_no_user_warning():
     assert not shown, [f"{w.filename}:{w.lineno}: {w.message}" for w in shown]
 
 
+def test_thresholds_stay_at_zero_after_the_freeze_whatever_the_optimizer_gathered():
+    # The freeze zeroes the thresholds, and a frozen mask gives them a zero gradient;
+    # Adam's moments from before the freeze would still move them, and the logs
+    # (`threshold_mean/...`) would show thresholds that no longer mean anything.
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=4 * STEPS_PER_EPOCH))
+    history = fit(m, scheduler, epochs=6)
+    assert scheduler.frozen
+    for layer in ks.sparse_layers(m):
+        np.testing.assert_array_equal(to_numpy(layer.threshold), 0.0, err_msg=layer.name)
+        assert history.history[f"threshold_mean/{layer.name}"][-1] == 0.0
+
+
 def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
     ks.PolynomialDecay(np.float32(0.9), begin_step=np.int64(0), end_step=np.int64(100))
     ks.SparsityScheduler(np.float64(0.5), min_density=np.float32(0.02))
