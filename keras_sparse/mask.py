@@ -391,8 +391,9 @@ def _torch_frozen_kernel(kernel, threshold, prune_mask):
     `prune_mask` and the product's autodiff are each a call of their own
     whose Python cost weighs as much as the product at LeNet-300-100's size
     (`benchmarks/compare_revisions.py --fit --frozen`). Here they are one
-    Function, whose backward gives the threshold its zero gradient
-    (`DistributedDataParallel` refuses a parameter without one).
+    Function, whose backward gives the threshold its zero gradient (Keras
+    warns about a trainable variable without one, as
+    `DistributedDataParallel` may refuse it).
     """
     global _TORCH_FROZEN_KERNEL
     if _TORCH_FROZEN_KERNEL is None:
