@@ -15,7 +15,9 @@ no sparsity driver; `--steps` steps per timed epoch:
 
     python benchmarks/compare_revisions.py --backend torch --fit 4096 --steps 8 --rounds 5
 
-`--frozen` times those fits after the freeze instead: every mask frozen, so
+`--driver N` adds each version's `SparsityScheduler` (updating every N steps,
+on a ramp that neither ends nor freezes while timed); `--frozen` times those
+fits after the freeze instead: every mask frozen, so
 that training multiplies each kernel by its fixed `prune_mask` (a random
 half of the weights kept, the same for both versions), after one epoch of
 training with the soft mask.
@@ -32,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -73,9 +76,18 @@ def main(argv=None):
     parser.add_argument("--fit", type=int, default=None, metavar="WIDTH", help="time model.fit")
     parser.add_argument("--steps", type=int, default=20, help="--fit: steps per timed epoch")
     parser.add_argument("--frozen", action="store_true", help="--fit: after the freeze")
+    parser.add_argument(
+        "--driver",
+        type=int,
+        default=None,
+        metavar="UPDATE_EVERY",
+        help="--fit: with each version's SparsityScheduler, updating every UPDATE_EVERY steps",
+    )
     args = parser.parse_args(argv)
-    if args.frozen and args.fit is None:
-        parser.error("--frozen times model.fit after the freeze: it needs --fit WIDTH")
+    if (args.frozen or args.driver is not None) and args.fit is None:
+        parser.error("--frozen and --driver time model.fit: they need --fit WIDTH")
+    if args.frozen and args.driver is not None:
+        parser.error("--frozen and --driver: the driver stops at the freeze, give one of them")
 
     os.environ["KERAS_BACKEND"] = args.backend
     sys.path[:0] = [HERE, ROOT]
@@ -88,12 +100,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         extract(args.base, tmp)
         sys.path.insert(0, tmp)
-        versions = {
-            "base": importlib.import_module("keras_sparse_base").SparseLinear,
-            "current": importlib.import_module("keras_sparse").SparseLinear,
+        packages = {
+            "base": importlib.import_module("keras_sparse_base"),
+            "current": importlib.import_module("keras_sparse"),
         }
+        versions = {version: package.SparseLinear for version, package in packages.items()}
         if args.fit is not None:
-            compare_fit(args, versions, speed)
+            compare_fit(args, packages, speed)
             return
         size, batch = args.size, args.batch
         layers = {}
@@ -135,26 +148,35 @@ def main(argv=None):
                     print(f"  {name:22s} {total[name] / total['dense']:.2f}x")
 
 
-def compare_fit(args, versions, speed):
-    """`model.fit` steps of the MLP of `--fit` with each layer class, in interleaved rounds."""
+def compare_fit(args, packages, speed):
+    """`model.fit` steps of the MLP of `--fit` with each version's layers, in interleaved rounds."""
     import fit_speed
     import keras
 
     x, y = fit_speed.data(argparse.Namespace(batch_size=args.batch, steps=args.steps))
-    classes = {"dense": keras.layers.Dense, **versions}
+    classes = {"dense": keras.layers.Dense}
+    classes.update({version: package.SparseLinear for version, package in packages.items()})
     runs = {}
     for name, layer in classes.items():
         keras.utils.set_random_seed(0)
         model = fit_speed.compiled(fit_speed.mlp(layer, (args.fit, args.fit)))
+        callbacks = []
         if args.frozen and name != "dense":
             # One epoch before the freeze, so that the optimizer's moments of the
             # pruned weights hold what training left there (a moment of exactly
             # zero makes PyTorch's square root several times slower on a CPU).
             model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
             freeze(model)
+        if args.driver is not None and name != "dense":
+            # A ramp that neither ends nor freezes while timed.
+            package = packages[name]
+            schedule = package.PolynomialDecay(0.9, begin_step=0, end_step=10**7)
+            callbacks = [package.SparsityScheduler(schedule, update_every=args.driver)]
 
-        def epoch(model=model):
-            model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
+        def epoch(model=model, callbacks=callbacks):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the unfinished ramp warns at each fit's end
+                model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0, callbacks=callbacks)
 
         runs[name] = epoch
     times, ratios = speed.interleaved(runs, args.rounds, args.target)
@@ -162,10 +184,11 @@ def compare_fit(args, versions, speed):
         f"{args.backend} model.fit, 784-{args.fit}-{args.fit}-10, batch {args.batch}, "
         f"{args.steps} steps an epoch, base = {args.base}"
         + (", every mask frozen" if args.frozen else "")
+        + (f", SparsityScheduler updating every {args.driver} steps" if args.driver else "")
     )
     print(f"  dense                  {times['dense'] / args.steps * 1e3:.1f} ms a step")
     print("fit step / Dense (median, per-round range):")
-    for name in versions:
+    for name in packages:
         low, high = ratios[f"{name}_range"]
         print(f"  {name:22s} {ratios[name]:.3f}x  ({low:.2f}-{high:.2f})")
 

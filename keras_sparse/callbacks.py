@@ -491,7 +491,9 @@ class SparsityScheduler(keras.callbacks.Callback):
             # written to the masks at the epoch's end).
             if self.step % self.update_every:
                 return
-            values = self._update(mask, kernel, ops.convert_to_tensor(float(self.step)), group)
+            # The step as a Python number: the schedules then compute the
+            # target and the temperature in Python, not as scalar ops.
+            values = self._update(mask, kernel, float(self.step), group)
         elif self.update_every == 1:
             values = self._update(mask, kernel, mask.state("step"), group)
         else:
@@ -528,7 +530,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         log_penalty, penalties = state[_LOG_PENALTY], ()
         if group[0] is mask:
             log_penalty, penalties = self._control(group, density, step, log_penalty)
-        new_state = ops.stack([step + 1.0, log_penalty, density, scale, ops.zeros_like(step)])
+        new_state = ops.stack([step + 1.0, log_penalty, density, scale, 0.0 * step])
         return temperature, new_state, penalties
 
     def _group_of(self, mask):

@@ -818,7 +818,12 @@ class KernelMask:
         (it transposes a 0-d tensor).
         """
         kernel = self.kernel.value if kernel is None else kernel
-        return ops.sum(ops.cast(self.keep(kernel), "int32"))
+        keep = self.keep(kernel)
+        if _eager_torch():  # the bytes as uint8: see `_float_mask`
+            import torch
+
+            return keep.view(torch.uint8).sum(dtype=torch.int32)
+        return ops.sum(ops.cast(keep, "int32"))
 
     def alive_units(self):
         """Number of output units with at least one active weight."""
