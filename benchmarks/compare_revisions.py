@@ -15,8 +15,8 @@ no sparsity driver; `--steps` steps per timed epoch:
 
     python benchmarks/compare_revisions.py --backend torch --fit 4096 --steps 8 --rounds 5
 
-`--driver N` adds each version's `SparsityScheduler` (updating every N steps,
-on a ramp that neither ends nor freezes while timed); `--frozen` times those
+`--driver N` (PyTorch) adds each version's `SparsityScheduler` (updating every N
+steps, on a ramp that neither ends nor freezes while timed); `--frozen` times those
 fits after the freeze instead: every mask frozen, so
 that training multiplies each kernel by its fixed `prune_mask` (a random
 half of the weights kept, the same for both versions), after one epoch of
@@ -88,6 +88,12 @@ def main(argv=None):
         parser.error("--frozen and --driver time model.fit: they need --fit WIDTH")
     if args.frozen and args.driver is not None:
         parser.error("--frozen and --driver: the driver stops at the freeze, give one of them")
+    if args.driver is not None and args.backend != "torch":
+        parser.error(
+            f"--driver times eager PyTorch's driver updates; with --backend {args.backend} "
+            "each timed fit would retrace the train step (SparsityScheduler does at a fit's "
+            "start and end): use fit_speed.py, which times the second epoch of each fit"
+        )
 
     os.environ["KERAS_BACKEND"] = args.backend
     sys.path[:0] = [HERE, ROOT]
@@ -163,10 +169,12 @@ def compare_fit(args, packages, speed):
         callbacks = []
         if args.frozen and name != "dense":
             # One epoch before the freeze, so that the optimizer's moments of the
-            # pruned weights hold what training left there (a moment of exactly
-            # zero makes PyTorch's square root several times slower on a CPU).
+            # pruned weights hold what training left there: PyTorch's square root
+            # of an exact zero is slow on a CPU (docs/benchmarks.md, "Boolean masks
+            # in eager PyTorch").
             model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
             freeze(model)
+            model.make_train_function(force=True)  # a compiled step holds the soft mask
         if args.driver is not None and name != "dense":
             # A ramp that neither ends nor freezes while timed.
             package = packages[name]
@@ -175,7 +183,8 @@ def compare_fit(args, packages, speed):
 
         def epoch(model=model, callbacks=callbacks):
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the unfinished ramp warns at each fit's end
+                # The unfinished ramp warns at each fit's end.
+                warnings.filterwarnings("ignore", "SparsityScheduler: training stopped")
                 model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0, callbacks=callbacks)
 
         runs[name] = epoch

@@ -185,10 +185,11 @@ OPTION_NAMES = tuple(field.name for field in dataclasses.fields(MaskOptions))
 def _float_mask(mask, dtype="float32"):
     """A boolean tensor as 0.0 / 1.0 of `dtype`.
 
-    Eager PyTorch on a CPU converts a bool tensor, or multiplies a float
-    tensor by one, several times slower than the same bytes read as uint8
-    (docs/benchmarks.md, "Boolean masks in eager PyTorch"): there the bytes
-    are read as uint8. Traced code (`torch.compile`, export) casts as usual.
+    Eager PyTorch converts a bool tensor, or multiplies a float tensor by
+    one, several times slower than the same bytes read as uint8 on a CPU
+    (docs/benchmarks.md, "Boolean masks in eager PyTorch"; not measured on a
+    GPU, where the uint8 read costs no more): eager PyTorch reads the bytes
+    as uint8. Traced code (`torch.compile`, export) casts as usual.
     """
     if _eager_torch():
         import torch
@@ -402,16 +403,20 @@ def _torch_frozen_kernel(kernel, threshold, prune_mask):
         class FrozenKernel(torch.autograd.Function):
             @staticmethod
             def forward(ctx, kernel, threshold, prune_mask):
-                alive = prune_mask.view(torch.uint8).to(kernel.dtype)  # see `_float_mask`
-                ctx.save_for_backward(alive)
+                # The boolean mask is kept for the backward (a quarter of a
+                # float copy's bytes) and read as uint8: see `_float_mask`.
+                ctx.save_for_backward(prune_mask)
                 ctx.threshold = (threshold.shape, threshold.dtype, threshold.device)
-                return kernel * alive
+                return kernel * prune_mask.view(torch.uint8).to(kernel.dtype)
 
             @staticmethod
             def backward(ctx, grad):
-                (alive,) = ctx.saved_tensors
+                (prune_mask,) = ctx.saved_tensors
                 shape, dtype, device = ctx.threshold
-                return grad * alive, torch.zeros(shape, dtype=dtype, device=device), None
+                grad_kernel = None
+                if ctx.needs_input_grad[0]:
+                    grad_kernel = grad * prune_mask.view(torch.uint8).to(grad.dtype)
+                return grad_kernel, torch.zeros(shape, dtype=dtype, device=device), None
 
         _TORCH_FROZEN_KERNEL = FrozenKernel
     return _TORCH_FROZEN_KERNEL.apply(kernel, threshold, prune_mask)
@@ -444,7 +449,7 @@ class _ThresholdConstraint(constraints.Constraint):
 
     def __call__(self, threshold):
         if self.mask.frozen:
-            return ops.zeros(threshold.shape, dtype=threshold.dtype)
+            return ops.zeros_like(ops.convert_to_tensor(threshold))
         return threshold if self.constraint is None else self.constraint(threshold)
 
 
@@ -756,10 +761,10 @@ class KernelMask:
         if training:
             self._start_training()
             if self.frozen:
-                # The driver fixed the mask: no sigmoid, no penalty. The zero
-                # term keeps the threshold in the graph, so that it gets a
-                # (zero) gradient: DistributedDataParallel refuses parameters
-                # without one, and TensorFlow warns about them.
+                # The driver fixed the mask: no sigmoid, no penalty. The
+                # threshold still gets a (zero) gradient, from the zero term
+                # (or, in eager PyTorch, from the Function's backward): Keras
+                # warns about a trainable variable without one.
                 if _eager_torch():
                     return _torch_frozen_kernel(kernel, self.threshold.value, self.prune_mask.value)
                 self.layer.add_loss(0.0 * ops.sum(self.threshold.value))

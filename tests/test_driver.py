@@ -377,13 +377,16 @@ def test_thresholds_stay_at_zero_after_the_freeze_whatever_the_optimizer_gathere
     # The freeze zeroes the thresholds, and a frozen mask gives them a zero gradient;
     # Adam's moments from before the freeze would still move them, and the logs
     # (`threshold_mean/...`) would show thresholds that no longer mean anything.
+    # The freeze comes at the start of the fifth epoch: the logs of the fifth and sixth
+    # are taken during fine-tuning (the end of `fit` zeroes the thresholds again).
     m = compiled(model())
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=4 * STEPS_PER_EPOCH))
     history = fit(m, scheduler, epochs=6)
     assert scheduler.frozen
     for layer in ks.sparse_layers(m):
-        np.testing.assert_array_equal(to_numpy(layer.threshold), 0.0, err_msg=layer.name)
-        assert history.history[f"threshold_mean/{layer.name}"][-1] == 0.0
+        means = history.history[f"threshold_mean/{layer.name}"]
+        assert means[3] > 0.0, layer.name  # before the freeze
+        assert means[4:] == [0.0, 0.0], layer.name
 
 
 def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
