@@ -30,6 +30,7 @@ import warnings
 import keras
 import numpy as np
 from keras import constraints, initializers, ops, regularizers
+from keras.src.backend.common import global_state  # Keras's per-forward-pass scopes
 
 from keras_sparse.granularity import (
     DEFAULT_N_M,
@@ -531,6 +532,9 @@ class KernelMask:
         # frozen: then training multiplies by `prune_mask` alone.
         self.driver = None
         self.frozen = False
+        # The forward pass (Keras's call context) that last called the layer
+        # in training: a shared layer is called again within one.
+        self._training_forward = None
 
     def __repr__(self):
         return f"<KernelMask {self.layer.name}.{self.kernel_name} {self.shape}>"
@@ -769,7 +773,12 @@ class KernelMask:
                     return _torch_frozen_kernel(kernel, self.threshold.value, self.prune_mask.value)
                 self.layer.add_loss(0.0 * ops.sum(self.threshold.value))
                 return kernel * self._prune_mask_float()
-            if self.driver is not None:
+            # A layer called twice in one forward pass (a shared layer, tied
+            # embeddings) is driven, and penalised, once: a second update
+            # would count the step twice, and in eager PyTorch it would write
+            # the penalty the first call's backward still needs.
+            first_call = self._first_training_call()
+            if self.driver is not None and first_call:
                 self.driver.drive(self, kernel)
             fused = self._fused_training()
             if fused is not None:
@@ -793,7 +802,8 @@ class KernelMask:
                 # benchmarks/compare_revisions.py).
                 density = ops.mean(mask)
                 masked = kernel * mask
-            self.layer.add_loss(self.sparsity_penalty * density)
+            if first_call:
+                self.layer.add_loss(self.sparsity_penalty * density)
             return masked
         if self.options.inference_mask == "soft":
             return kernel * self.soft(kernel)
@@ -803,6 +813,23 @@ class KernelMask:
         if not _recording_gradients():
             return kernel
         return _unmasked(kernel, self.prune_mask.value)
+
+    def _first_training_call(self):
+        """Whether this is the layer's first call in training in the current forward pass.
+
+        A forward pass is Keras's stateless scope where there is one (JAX's
+        train step runs the model's `call` in a `stateless_call`), otherwise
+        the call context that Keras opens at the outermost layer call and
+        shares with the layers it calls; outside both, each call counts.
+        """
+        context = global_state.get_global_attribute("stateless_scope")
+        if context is None:
+            context = global_state.get_global_attribute("current_call_ctx")
+        if context is None:
+            return True
+        first = context is not self._training_forward
+        self._training_forward = context
+        return first
 
     # ------------------------------------------- statistics and actions
 

@@ -389,6 +389,31 @@ def test_thresholds_stay_at_zero_after_the_freeze_whatever_the_optimizer_gathere
         assert means[4:] == [0.0, 0.0], layer.name
 
 
+def test_a_layer_called_twice_per_step_is_driven_and_penalised_once():
+    # A shared layer (tied embeddings, a layer applied twice) runs its mask twice in one
+    # forward pass. A second update counted the step twice (the schedule ran ahead on
+    # that mask), and in eager PyTorch it wrote the penalty that the first call's
+    # backward still needed, which crashed the backward pass.
+    inputs = keras.Input((12,))
+    shared = ks.SparseLinear(12, activation="relu", name="shared")
+    hidden = shared(shared(inputs))
+    m = compiled(keras.Model(inputs, ks.SparseLinear(2, name="logits")(hidden)))
+    penalties = []
+    m(data()[0][:4], training=True)
+    penalties.append(len(m.losses))
+    scheduler = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.6, end_step=3 * STEPS_PER_EPOCH), update_every=1
+    )
+    fit(m, scheduler, epochs=2)
+    # One penalty per mask, and every mask counted each step once.
+    assert penalties == [2]
+    for mask in ks.kernel_masks(m):
+        assert int(to_numpy(mask.state("step"))) == 2 * STEPS_PER_EPOCH, mask
+    fit(m, scheduler, epochs=4, initial_epoch=2)
+    assert scheduler.frozen
+    assert total_active(m) == round(0.4 * total_size(m))
+
+
 def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
     ks.PolynomialDecay(np.float32(0.9), begin_step=np.int64(0), end_step=np.int64(100))
     ks.SparsityScheduler(np.float64(0.5), min_density=np.float32(0.02))
