@@ -135,7 +135,9 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
     The artifact is written next to `filepath` under a temporary name and
     renamed into place only once complete, so a failed export leaves
     nothing behind and never a half-written `filepath`. An existing
-    `filepath` is replaced.
+    `filepath` is replaced. Files the exporter writes beside the artifact
+    (the `<name>.onnx.data` of an ONNX model with large weights) are moved
+    beside `filepath` with it.
 
     Args:
         model: A built Keras model (typically with `SparseLinear` layers).
@@ -176,6 +178,12 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
     try:
         partial = os.path.join(scratch, (base or "model") + ext)
         target.export(partial, format=format, verbose=verbose, **kwargs)
+        # Files written beside the artifact belong to it (an ONNX model's
+        # weights go to `<name>.onnx.data` when large, found by that name):
+        # they move first, so that the artifact appears last, complete.
+        for name in sorted(os.listdir(scratch)):
+            if name != os.path.basename(partial):
+                _replace(os.path.join(scratch, name), os.path.join(directory, name))
         _replace(partial, filepath)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

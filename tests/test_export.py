@@ -291,6 +291,32 @@ def test_export_replaces_an_existing_file_whole(shipped, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
 
 
+@pytest.mark.slow
+def test_onnx_with_its_weights_in_a_data_file_keeps_that_file(tmp_path):
+    # JAX's ONNX route writes large weights to `<name>.onnx.data` beside the model. The
+    # export once moved the model out of its scratch folder and deleted the folder with
+    # the data file in it: onnxruntime then refused the model.
+    if export_problem("onnx"):
+        skip_route(export_problem("onnx"))
+    ort = require("onnxruntime")
+    size = 1024
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((size,), name="features")
+    outputs = keras.layers.Dense(4, name="logits")(keras.layers.Dense(size, name="wide")(inputs))
+    model = sparsify(keras.Model(inputs, outputs))
+    for layer in sparse_layers(model):
+        layer.reset_threshold(float(np.median(np.abs(to_numpy(layer.kernel)))))
+        layer.hard_prune()
+    x = rng.normal(size=(2, size)).astype("float32")
+    expected = to_numpy(model(x, training=False))
+    path = tmp_path / "model.onnx"
+    export_model(model, path, "onnx", strip=True)
+    assert set(os.listdir(tmp_path)) <= {"model.onnx", "model.onnx.data"}
+    session = ort.InferenceSession(str(path))
+    (served,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_export_with_strip_needs_a_sparse_layer(tmp_path):
     inputs = keras.Input((3,))
     dense = keras.Model(inputs, keras.layers.Dense(2)(inputs))
