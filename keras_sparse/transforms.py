@@ -25,7 +25,7 @@ import keras
 
 from keras_sparse import convert
 from keras_sparse.layers import SparseKernelMixin
-from keras_sparse.walk import display_names, sparse_layers, walk, weight_matrices
+from keras_sparse.walk import display_names, sparse_layers, unpruned_matrices, walk, weight_matrices
 
 # ------------------------------------------------------------------ helpers
 
@@ -104,6 +104,11 @@ def _why_not(layer):
     return None
 
 
+def _unmasked_why(layer):
+    names = ", ".join(v.name.split("/")[-1] for v in unpruned_matrices(layer))
+    return f"converted, but its {names} has no mask in {type(layer).__name__}"
+
+
 # ----------------------------------------------------------------- sparsify
 
 
@@ -125,8 +130,10 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
 
     Layers that hold weight matrices but are left dense are reported: a
     warning names those that could not be converted (a class without a
-    sparse version, a quantized layer), with their share of the model's
-    parameters, and `sparsity_report()` lists every layer left dense.
+    sparse version, a quantized layer) and converted layers holding a matrix
+    their class does not prune (keras-hub's untied `reverse_embeddings`),
+    with their share of the model's parameters, and `sparsity_report()`
+    lists every layer with a matrix left dense.
 
     The copy saves to `.keras` and reloads with `keras.saving.load_model`;
     layers that a parent rebuilds in code on reload (MultiHeadAttention's
@@ -204,6 +211,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     for layer in chosen:
         convert.convert_layer(layer, options)
         convert.record_conversion(target, layer, parents, options)
+    # A converted layer may hold a matrix beside the kernels its class prunes.
+    refused += [(layer, _unmasked_why(layer)) for layer in chosen if unpruned_matrices(layer)]
     if refused:
         _warn_left_dense(target, refused, total)
     if inplace:
@@ -282,10 +291,10 @@ def _warn_left_dense(model, refused, total):
     total = total or 1
     names = display_names(model, [layer for layer, _ in refused])
     parts = [
-        f"'{name}' ({why}; {sum(math.prod(v.shape) for v in weight_matrices(layer)) / total:.1%})"
+        f"'{name}' ({why}; {sum(math.prod(v.shape) for v in unpruned_matrices(layer)) / total:.1%})"
         for name, (layer, why) in zip(names, refused)
     ]
-    share = sum(math.prod(v.shape) for layer, _ in refused for v in weight_matrices(layer))
+    share = sum(math.prod(v.shape) for layer, _ in refused for v in unpruned_matrices(layer))
     warnings.warn(
         f"sparsify() left {len(refused)} selected layer(s) with weight matrices dense, "
         f"{share / total:.1%} of the parameters of '{model.name}': " + ", ".join(parts),
@@ -529,11 +538,7 @@ def sparsity_report(model):
     everything = [layer for layer, _ in walk(model)]
     if isinstance(model, keras.Model) is False:
         everything = [model] + everything
-    holders = [
-        layer
-        for layer in everything
-        if not isinstance(layer, SparseKernelMixin) and _trainable_matrices(layer)
-    ]
+    holders = [layer for layer in everything if _trainable_matrices(layer)]
     dense = tuple(
         DenseLayer(
             name, type(layer).__name__, sum(math.prod(v.shape) for v in _trainable_matrices(layer))
@@ -544,4 +549,5 @@ def sparsity_report(model):
 
 
 def _trainable_matrices(layer):
-    return [v for v in weight_matrices(layer) if keras.backend.is_float_dtype(v.dtype)]
+    """`layer`'s float weight matrices that no mask prunes."""
+    return [v for v in unpruned_matrices(layer) if keras.backend.is_float_dtype(v.dtype)]

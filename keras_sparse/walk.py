@@ -61,9 +61,31 @@ def kernel_masks(model):
 
 
 def weight_matrices(layer):
-    """The weights of `layer` itself (not of its sublayers) of rank 2 or more."""
+    """The weight matrices of `layer` itself (not of its sublayers).
+
+    A matrix has at least two axes longer than 1 and is not a bias: a
+    `(1, 1, d)` class token is a vector, and so is a GRU's `(2, 3 * units)`
+    bias, whatever their rank.
+    """
     own = {id(v) for child in _children(layer) for v in child.weights}
-    return [v for v in layer.weights if id(v) not in own and len(v.shape) >= 2]
+    return [
+        v
+        for v in layer.weights
+        if id(v) not in own
+        and sum(d > 1 for d in v.shape) >= 2
+        and not v.name.split("/")[-1].endswith("bias")
+    ]
+
+
+def unpruned_matrices(layer):
+    """`layer`'s weight matrices that no mask prunes: all of a stock layer's, and those a
+    sparse layer holds beside its masked kernels (keras-hub's untied `reverse_embeddings`)."""
+    matrices = weight_matrices(layer)
+    masks = getattr(layer, "_kernel_masks", None)
+    if not masks:
+        return matrices
+    pruned = {id(v) for mask in masks.values() for v in (mask.kernel, *mask.variables)}
+    return [v for v in matrices if id(v) not in pruned]
 
 
 def display_names(model, layers):

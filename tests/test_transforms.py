@@ -221,6 +221,59 @@ def test_sparsify_warns_of_layers_left_dense_with_their_share():
     assert [layer.name for layer in sparse_layers(model)] == ["fc"]
 
 
+def test_vectors_and_biases_of_any_rank_are_not_weight_matrices():
+    # A class token shaped (1, 1, d) is a vector, and a GRU's bias (2, 3 * units) is a
+    # bias: neither is a weight matrix left dense (a ViT's patch layer was reported as
+    # left dense for its class token alone). The GRU's kernels are.
+    class Token(keras.layers.Layer):
+        def build(self, input_shape):
+            self.token = self.add_weight(shape=(1, 1, input_shape[-1]), name="class_token")
+
+        def call(self, inputs):
+            return inputs + self.token
+
+    inputs = keras.Input((3, 4))
+    hidden = keras.layers.GRU(5, name="gru")(Token(name="token")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(hidden), name="recurrent")
+    total = 4 + (4 * 15 + 5 * 15 + 2 * 15) + (5 * 2 + 2)
+    with pytest.warns(UserWarning) as caught:
+        sparse = sparsify(model, inplace=True)  # custom layers: no copy through the config
+    (message,) = [str(w.message) for w in caught if "sparsify()" in str(w.message)]
+    share = f"{(4 * 15 + 5 * 15) / total:.1%}"
+    assert message == (
+        f"sparsify() left 1 selected layer(s) with weight matrices dense, {share} of the "
+        f"parameters of 'recurrent': 'gru_cell' (GRUCell has no sparse version; {share})"
+    )
+    assert [(d.class_name, d.params) for d in sparsity_report(sparse).dense] == [
+        ("GRUCell", 4 * 15 + 5 * 15)
+    ]
+
+
+def test_a_converted_layer_holding_a_matrix_its_class_does_not_prune_is_reported():
+    # A subclass of a stock layer converts with its stock class's masks; a matrix it
+    # adds is left dense, and said to be (keras-hub's untied `reverse_embeddings`, a
+    # whole language model's output projection, was silently left dense).
+    class EmbeddingWithHead(keras.layers.Embedding):
+        def build(self, input_shape=None):
+            super().build(input_shape)
+            self.head = self.add_weight(shape=(self.output_dim, self.input_dim), name="head")
+
+        def call(self, inputs):
+            return keras.ops.matmul(super().call(inputs), self.head)
+
+    inputs = keras.Input((3,), dtype="int32")
+    model = keras.Model(inputs, EmbeddingWithHead(10, 4, name="tokens")(inputs), name="lm")
+    with pytest.warns(UserWarning) as caught:
+        sparse = sparsify(model, inplace=True)
+    (message,) = [str(w.message) for w in caught if "sparsify()" in str(w.message)]
+    assert "'tokens' (converted, but its head has no mask" in message, message
+    assert f"{40 / 80:.1%}" in message
+    report = sparsity_report(sparse)
+    assert [(r.name, r.total) for r in report.rows] == [("tokens", 40)]
+    assert [(d.name, d.params) for d in report.dense] == [("tokens", 40)]
+    assert report.coverage == pytest.approx(0.5)
+
+
 def test_sparsify_says_why_a_quantized_layer_is_left_dense():
     dense = _dense_model()
     dense.quantize("int8", filters="^hidden$")
