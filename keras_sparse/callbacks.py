@@ -609,14 +609,34 @@ class SparsityScheduler(keras.callbacks.Callback):
         strength = math.exp(
             float(ops.convert_to_numpy(self._masks[0].sparsity_state)[_LOG_PENALTY])
         )
+        per_weight = [
+            name
+            for name, mask in zip(self._names, self._masks)
+            if not mask.options.structured and mask.options.granularity == "weight"
+        ]
+        advice = (
+            f" Thresholds per weight (structured=False: {', '.join(per_weight[:3])}"
+            f"{', ...' if len(per_weight) > 3 else ''}) stop learning once their mask is "
+            "sharp: a lower relative temperature (the scheduler's `temperature`) keeps them "
+            "learning."
+            if per_weight
+            else ""
+        )
+        ramp = self._steps.end_step - self._steps.begin_step
+        short = (
+            f", shorter than the {self._ramp_steps()} steps over which the feedback moves the "
+            "penalty"
+            if ramp < self._ramp_steps()
+            else ""
+        )
         warnings.warn(
             f"SparsityScheduler: when the schedule ended (step {self.step}) the learned masks "
             f"kept {kept_before:.2%} of the weights, and the freeze cut them to "
             f"{kept_after:.2%} in one step, ranking the weights by margin as one-shot pruning "
-            f"would; accuracy may suffer. The masks did not follow the schedule (penalty "
-            f"strength {strength:.3g}, max_penalty={self.max_penalty:g}). Try a longer ramp, "
-            "a lower target, or a softer temperature: a threshold per weight stops learning "
-            "once its mask is sharp.",
+            f"would; accuracy may suffer. The masks did not follow the schedule over its "
+            f"ramp of {ramp} steps{short} (penalty strength {strength:.3g}, "
+            f"max_penalty={self.max_penalty:g}): give the ramp more steps (the schedule's "
+            "end_step, end_epoch or end_fraction, or more epochs), or aim lower." + advice,
             stacklevel=2,
         )
 

@@ -849,6 +849,11 @@ def test_a_freeze_that_cuts_much_of_what_the_masks_kept_warns(rng):
     (message,) = [str(w.message) for w in caught if "one-shot" in str(w.message)]
     assert f"kept {kept:.2%} of the weights" in message
     assert "cut them to 9.72%" in message  # round(0.1 * 72) = 7 weights
+    # What to change, named by its arguments; the advice on thresholds per weight names
+    # the layer that has them ("narrow"), not the one with a threshold per unit.
+    assert "over its ramp of 1 steps, shorter than the 200 steps" in message
+    assert "(the schedule's end_step, end_epoch or end_fraction, or more epochs)" in message
+    assert "Thresholds per weight (structured=False: narrow) stop learning" in message
 
 
 def test_a_freeze_that_trims_what_the_masks_kept_does_not_warn(rng):
