@@ -48,14 +48,20 @@ def _clone(model, replace):
 
     Layers for which `replace` returns None are cloned from their config and
     get the original's weights; replaced layers are returned as `(old, new)`
-    pairs for the caller to fill.
+    pairs for the caller to fill. A layer whose config does not rebuild it
+    (keras-hub's `ViTPatchingAndEmbedding` takes arguments its config lacks)
+    is taken as it is: `model` is `shrink`'s own stripped copy, so no user
+    model shares it.
     """
     replaced, cloned = [], []
 
     def clone_function(layer):
         new = replace(layer)
         if new is None:
-            new = layer.__class__.from_config(layer.get_config())
+            try:
+                new = layer.__class__.from_config(layer.get_config())
+            except (TypeError, ValueError):
+                return layer
             cloned.append((layer, new))
         else:
             replaced.append((layer, new))

@@ -83,7 +83,8 @@ def copy_model(model):
     if len(copy.weights) != len(model.weights):
         raise ValueError(
             f"The copy of model '{model.name}' has {len(copy.weights)} weights, the model "
-            f"{len(model.weights)}: it does not rebuild from its config as it was."
+            f"{len(model.weights)}: it does not rebuild from its config as it was. Convert "
+            "it in place with `inplace=True` instead (as `Model.quantize()` does)."
         )
     for source, target in zip(model.weights, copy.weights):
         # On the device, value by value (no trip through the host).

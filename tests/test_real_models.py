@@ -324,6 +324,24 @@ def test_keras_hub_attention_prunes_whole_heads_reloads_and_shrink_says_what_sta
         ks.shrink(sparse)
 
 
+def test_shrink_keeps_a_layer_that_does_not_rebuild_from_its_config(rng):
+    # keras-hub's ViTPatchingAndEmbedding takes arguments its config lacks: shrink, which
+    # copies the model layer by layer, crashed on it with keras-hub's TypeError. It keeps
+    # such a layer as it is now (in shrink's own stripped copy), with the same outputs.
+    hub = require("keras_hub")
+    model = hub.models.ViTBackbone(
+        image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16
+    )
+    x = rng.normal(size=(2, 16, 16, 3)).astype("float32")
+    sparse = ks.sparsify(model, granularity="head")
+    (layer,) = ks.sparse_layers(sparse)
+    layer.reset_threshold(np.array([0.0, 1e3], "float32"))
+    layer.hard_prune()
+    with pytest.warns(UserWarning, match=r"dead heads of 1 attention layer\(s\)"):
+        result = ks.shrink(sparse)
+    np.testing.assert_allclose(outputs(result.model, x), outputs(sparse, x), rtol=1e-5, atol=1e-5)
+
+
 def test_select_takes_classes_regexes_and_predicates():
     model = residual_cnn()
 

@@ -274,6 +274,37 @@ def test_a_converted_layer_holding_a_matrix_its_class_does_not_prune_is_reported
     assert report.coverage == pytest.approx(0.5)
 
 
+def test_a_model_whose_config_rebuilds_it_otherwise_is_refused_with_the_way_out():
+    # keras-hub's LlamaBackbone leaves `tie_word_embeddings` out of its config: its copy
+    # has a weight more or fewer than the model. The error says how to convert it anyway.
+    @keras.saving.register_keras_serializable(package="keras_sparse_tests")
+    class ForgetfulLayer(keras.layers.Layer):
+        def __init__(self, extra=False, **kwargs):
+            super().__init__(**kwargs)
+            self.extra = extra
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 2), name="w")
+            if self.extra:
+                self.e = self.add_weight(shape=(2,), name="e")
+
+        def call(self, inputs):
+            return inputs @ self.w
+
+        def get_config(self):
+            return {"name": self.name}
+
+    inputs = keras.Input((3,))
+    hidden = ForgetfulLayer(extra=True, name="forgetful")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(hidden))
+    with pytest.raises(ValueError, match=r"has 3 weights, the model 4: .*`inplace=True`"):
+        sparsify(model)
+    assert not sparse_layers(model)
+    with pytest.warns(UserWarning, match="'forgetful'"):
+        sparsify(model, inplace=True)
+    assert [layer.name for layer in sparse_layers(model)] == ["fc"]
+
+
 def test_sparsify_says_why_a_quantized_layer_is_left_dense():
     dense = _dense_model()
     dense.quantize("int8", filters="^hidden$")
