@@ -28,7 +28,7 @@ import inspect
 import keras
 from keras import ops
 
-from keras_sparse.layers import SPARSE_CLASSES, SparseKernelMixin
+from keras_sparse.layers import SPARSE_CLASSES, MaskedKernel, SparseKernelMixin, lora_factors
 from keras_sparse.mask import OPTION_NAMES, MaskOptions
 from keras_sparse.walk import walk
 
@@ -47,6 +47,30 @@ def _stock_base(cls):
     return None
 
 
+# Kernels that known subclasses of stock layers add, by the subclass's name:
+# keras-hub's `ReversibleEmbedding` holds a language model's output
+# projection, `(hidden, vocabulary)`, unless its weights are tied (then the
+# reverse pass reads the masked `embeddings`).
+_SUBCLASS_KERNELS = {
+    "ReversibleEmbedding": {
+        "reverse_embeddings": MaskedKernel(
+            (1,),
+            0,
+            "embeddings_initializer",
+            prefix="reverse_",
+            present=lambda layer: not getattr(layer, "tie_weights", True),
+        )
+    },
+}
+
+
+def _masked_kernels_of(cls):
+    kernels = dict(SPARSE_CLASSES[_stock_base(cls)].masked_kernels)
+    for base in cls.__mro__:
+        kernels.update(_SUBCLASS_KERNELS.get(base.__name__, {}))
+    return kernels
+
+
 @functools.cache
 def _sparse_subclass(cls):
     """A sparse version of a subclass of a stock layer (keras-hub's `ReversibleEmbedding`...)."""
@@ -54,7 +78,7 @@ def _sparse_subclass(cls):
         "Sparse" + cls.__name__,
         (SparseKernelMixin, cls),
         {
-            "masked_kernels": SPARSE_CLASSES[_stock_base(cls)].masked_kernels,
+            "masked_kernels": _masked_kernels_of(cls),
             "__module__": __name__,
             "get_config": _subclass_get_config,
         },
@@ -293,20 +317,14 @@ def copy_stock_weights(source, target):
     kernels = {}
     if isinstance(source, SparseKernelMixin):
         dropped = {id(v) for mask in source.masks.values() for v in mask.variables}
-        lora = getattr(source, "lora_enabled", False)
         # A quantized layer's kernel holds the pruned weights already (quantize()
         # hard-prunes first) and is copied as it is.
         for mask in [] if source.quantization_mode else source.masks.values():
             # `kernel * mask` gives -0.0 for pruned negative weights; `+ 0.0`
             # makes every pruned weight +0.0, so all zeros have the same bytes.
             kernel = ops.add(mask.effective_weight(), 0.0)
-            if lora:  # merged, as Keras merges a LoRA update when it saves a layer
-                a, b = (
-                    ("lora_embeddings_a", "lora_embeddings_b")
-                    if mask.kernel_name == "embeddings"
-                    else ("lora_kernel_a", "lora_kernel_b")
-                )
-                factors = getattr(source, a), getattr(source, b)
+            factors = lora_factors(source, mask.kernel_name)
+            if factors:  # merged, as Keras merges a LoRA update when it saves a layer
                 dropped |= {id(v) for v in factors}
                 scale = source.lora_alpha / source.lora_rank
                 kernel = kernel + scale * ops.matmul(factors[0].value, factors[1].value)

@@ -65,7 +65,9 @@ def _known_shape(layer, name, rank):
         return tuple(int(d) for d in getattr(layer, "_" + name).shape)
     kernel_size = tuple(getattr(layer, "kernel_size", ()) or ())
     if isinstance(layer, keras.layers.Embedding):
-        return (layer.input_dim, layer.output_dim)
+        table = (layer.input_dim, layer.output_dim)
+        # keras-hub's output projection is the table's transpose.
+        return table[::-1] if name == "reverse_embeddings" else table
     if isinstance(layer, keras.layers.Dense):
         return (None, layer.units)
     if name == "pointwise_kernel":
@@ -82,7 +84,7 @@ def _known_shape(layer, name, rank):
 def _kernels(layer):
     """The `_Kernel`s of a sparse layer, built or not."""
     kernels = []
-    for name, spec in layer.masked_kernels.items():
+    for name, spec in layer._held_kernels().items():
         output_axes = spec.output_axes
         if callable(output_axes):
             output_axes, _ = output_axes(layer)

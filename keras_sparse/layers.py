@@ -68,12 +68,16 @@ class MaskedKernel(typing.NamedTuple):
         initializer: The layer attribute holding the kernel's initializer.
         prefix: Put before the mask's variable names, for layers with two
             pruned kernels.
+        present: A function `layer -> bool` for a kernel that only some
+            layers of the class hold (keras-hub's `reverse_embeddings`,
+            absent when the weights are tied); `None`: every layer holds it.
     """
 
     output_axes: object
     n_m_axis: int | None
     initializer: str
     prefix: str = ""
+    present: object = None
 
 
 def _einsum_axes(layer):
@@ -109,6 +113,22 @@ def _with_training(signature):
     return signature.replace(parameters=parameters[:at] + [training] + parameters[at:])
 
 
+def lora_factors(layer, name):
+    """The `(a, b)` variables of `enable_lora()`'s update to kernel `name`, or `None`.
+
+    Keras adapts a layer's main kernel (`kernel`, an Embedding's
+    `embeddings`); any other kernel (keras-hub's `reverse_embeddings`) has
+    no low-rank update.
+    """
+    if not getattr(layer, "lora_enabled", False):
+        return None
+    names = {"kernel": ("lora_kernel_a", "lora_kernel_b")}
+    names["embeddings"] = ("lora_embeddings_a", "lora_embeddings_b")
+    if name not in names:
+        return None
+    return tuple(getattr(layer, factor) for factor in names[name])
+
+
 def _masked_property(name, stock_property):
     """The `name` attribute of a sparse layer: masked inside `call()`, the raw variable outside."""
     slot = "_" + name
@@ -124,16 +144,11 @@ def _masked_property(name, stock_property):
                 return stock_property.fget(self)
             return raw
         kernel = masks[name].masked_kernel(training)
-        if getattr(self, "lora_enabled", False):
+        factors = lora_factors(self, name)
+        if factors:
             # A sparse base and a dense low-rank update, as `enable_lora()` adds it.
-            a, b = (
-                ("lora_embeddings_a", "lora_embeddings_b")
-                if name == "embeddings"
-                else ("lora_kernel_a", "lora_kernel_b")
-            )
-            kernel = kernel + (self.lora_alpha / self.lora_rank) * keras.ops.matmul(
-                getattr(self, a), getattr(self, b)
-            )
+            a, b = factors
+            kernel = kernel + (self.lora_alpha / self.lora_rank) * keras.ops.matmul(a, b)
         if self.compute_dtype != "float32":
             kernel = keras.ops.cast(kernel, self.compute_dtype)
         return kernel
@@ -258,9 +273,17 @@ class SparseKernelMixin:
             if was_locked:
                 self._tracker.lock()
 
+    def _held_kernels(self):
+        """`masked_kernels`, less those this layer does not hold (see `MaskedKernel.present`)."""
+        return {
+            name: spec
+            for name, spec in self.masked_kernels.items()
+            if spec.present is None or spec.present(self)
+        }
+
     def _create_masks(self):
         masks = {}
-        for name, spec in self.masked_kernels.items():
+        for name, spec in self._held_kernels().items():
             output_axes, n_m_axis = spec.output_axes, spec.n_m_axis
             if callable(output_axes):
                 output_axes, n_m_axis = output_axes(self)

@@ -131,6 +131,23 @@ def gemma():
     )
 
 
+def llama_untied():
+    # A language model whose output projection is a matrix of its own (the embedding's
+    # `reverse_embeddings`, `tie_word_embeddings=False`): pruned by a second mask.
+    hub = require("keras_hub")
+    backbone = hub.models.LlamaBackbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        tie_word_embeddings=False,
+        name="llama",
+    )
+    return hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
 def transformer_encoder_model():
     hub = require("keras_hub")
     inputs = keras.Input((6, 8))
@@ -174,6 +191,7 @@ MODELS = {
     "bert": (bert, _tokens),
     "bert_classifier": (bert_classifier, _tokens),
     "gemma": (gemma, lambda rng: _tokens(rng, with_segments=False)),
+    "llama_untied": (llama_untied, lambda rng: _tokens(rng, with_segments=False)),
     "transformer_encoder": (
         transformer_encoder_model,
         lambda rng: rng.normal(size=(2, 6, 8)).astype("float32"),
