@@ -63,16 +63,22 @@ def kernel_masks(model):
 def weight_matrices(layer):
     """The weight matrices of `layer` itself (not of its sublayers).
 
-    A matrix has at least two axes longer than 1 and is not a bias: a
-    `(1, 1, d)` class token is a vector, and so is a GRU's `(2, 3 * units)`
-    bias, whatever their rank.
+    A bias is not one, whatever its rank (a GRU's is `(2, 3 * units)`). In a
+    layer of a class this package prunes (`Dense`, the convolutions, ...)
+    every other weight of rank 2 or more is: a `Dense(1)` kernel, `(n, 1)`,
+    is pruned like any. In any other layer a matrix has two axes longer than
+    1: a `(1, 1, d)` class token is a vector.
     """
+    from keras_sparse.layers import SPARSE_CLASSES, SparseKernelMixin
+
     own = {id(v) for child in _children(layer) for v in child.weights}
+    kernels = isinstance(layer, (SparseKernelMixin, *SPARSE_CLASSES))
     return [
         v
         for v in layer.weights
         if id(v) not in own
-        and sum(d > 1 for d in v.shape) >= 2
+        and len(v.shape) >= 2
+        and (kernels or sum(d > 1 for d in v.shape) >= 2)
         and not v.name.split("/")[-1].endswith("bias")
     ]
 

@@ -249,6 +249,18 @@ def test_vectors_and_biases_of_any_rank_are_not_weight_matrices():
     ]
 
 
+def test_kernels_with_an_axis_of_one_are_pruned_too():
+    # A Dense on one input feature, (1, 3), and a Dense(1) head, (3, 1): kernels of a
+    # class this package prunes, though vectors by shape (a first version of the rule
+    # that keeps a class token out of the weight matrices left both dense, silently).
+    inputs = keras.Input((1,))
+    hidden = keras.layers.Dense(3, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(hidden))
+    report = sparsity_report(sparsify(model))
+    assert [(r.name, r.shape) for r in report.rows] == [("hidden", (1, 3)), ("head", (3, 1))]
+    assert report.coverage == 1.0
+
+
 def test_a_converted_layer_holding_a_matrix_its_class_does_not_prune_is_reported():
     # A subclass of a stock layer converts with its stock class's masks; a matrix it
     # adds is left dense, and said to be (keras-hub's untied `reverse_embeddings`, a
