@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 
 import keras
@@ -125,9 +126,13 @@ def _subclass_get_config(self):
 
 
 def _class_of(identity):
-    """The registered class an identity names (a subclass of a stock layer is always one:
-    a model holding an unregistered class cannot be saved)."""
+    """The class an identity names: a registered class (a subclass of a stock layer from
+    another package is one: a model holding an unregistered class cannot be saved), or one
+    of Keras's own (`keras.layers.ReversibleEmbedding`, found in its module)."""
     cls = keras.saving.get_registered_object(identity["registered_name"])
+    module = identity.get("module") or ""
+    if cls is None and module.split(".")[0] == "keras":
+        cls = getattr(importlib.import_module(module), identity["class_name"], None)
     if cls is None:
         raise ValueError(
             f"The saved model uses the layer class {identity['registered_name']!r}, which is "

@@ -156,7 +156,12 @@ def _masked_property(name, stock_property):
     def set(self, value):
         setattr(self, slot, value)
 
-    return property(get, set, doc=f"The `{name}`: masked inside `call()`, raw outside.")
+    def delete(self):
+        # Keras's `quantize()` deletes a kernel it replaces (keras-hub's
+        # ReversibleEmbedding its `reverse_embeddings`).
+        delattr(self, slot)
+
+    return property(get, set, delete, doc=f"The `{name}`: masked inside `call()`, raw outside.")
 
 
 class SparseKernelMixin:
@@ -184,9 +189,10 @@ class SparseKernelMixin:
                 setattr(
                     cls, name, _masked_property(name, inspect.getattr_static(stock, name, None))
                 )
+        cls._stock_call_takes_training = "training" in inspect.signature(stock.call).parameters
         if "call" not in cls.__dict__:
             stock_call = stock.call
-            takes_training = "training" in inspect.signature(stock_call).parameters
+            takes_training = cls._stock_call_takes_training
 
             def call(self, *args, training=None, **kwargs):
                 previous = self.__dict__.get("_mask_training")
@@ -330,6 +336,19 @@ class SparseKernelMixin:
     def load_own_variables(self, store):
         variables = self._saved_variables()
         masks = list(self._kernel_masks.values())
+        # Masks of kernels that only some layers hold (keras-hub's untied
+        # `reverse_embeddings`, pruned since 2026-12-07): a file saved before
+        # holds the kernel without its mask, which then starts fresh (keeping
+        # every weight, as the layer did).
+        later = [
+            v
+            for name, mask in self._kernel_masks.items()
+            if self.masked_kernels[name].present is not None
+            for v in mask.variables
+        ]
+        if later and len(store.keys()) == len(variables) - len(later):
+            variables = [v for v in variables if not any(v is w for w in later)]
+            masks = [m for m in masks if not any(m.threshold is w for w in later)]
         if len(store.keys()) == len(variables) - len(masks):
             # Saved before masks had a driver state (keras-sparse 0.1): every
             # other variable is there, in the same order.
@@ -351,6 +370,14 @@ class SparseKernelMixin:
                 mask.frozen = True
 
     # -------------------------------------------------- Keras's own modes
+
+    def quantized_call(self, *args, **kwargs):
+        # Keras passes `training` to a layer whose call takes it, as the masks'
+        # does; the stock quantized calls take what the stock call takes
+        # (keras.layers.ReversibleEmbedding's int8 call has no `training`).
+        if not self._stock_call_takes_training:
+            kwargs.pop("training", None)
+        return super().quantized_call(*args, **kwargs)
 
     def quantize(self, mode=None, type_check=True, config=None, **kwargs):
         """Quantize the pruned layer as Keras quantizes its stock layer (`Model.quantize`).

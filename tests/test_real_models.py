@@ -499,6 +499,49 @@ def test_a_keras_file_saved_by_version_0_1_loads_with_the_same_model():
     np.testing.assert_allclose(expected, arrays["y"], rtol=1e-5, atol=1e-5)
 
 
+def tiny_untied_language_model():
+    """Keras's own ReversibleEmbedding, untied: an embedding and an output projection."""
+    inputs = keras.Input((5,), dtype="int32")
+    tokens = keras.layers.ReversibleEmbedding(20, 8, tie_weights=False, name="tokens")
+    hidden = keras.layers.Dense(8, name="mix")(tokens(inputs))
+    return keras.Model(inputs, tokens(hidden, reverse=True), name="tiny_lm")
+
+
+def test_an_untied_output_projection_quantizes_with_its_layer(rng):
+    # Keras's quantize() deletes the float kernels it replaces: the masked property of
+    # the output projection had no deleter, and Model.quantize() swallowed the error,
+    # leaving a layer without embeddings and not quantized.
+    sparse = ks.sparsify(tiny_untied_language_model())
+    assert list(sparse.get_layer("tokens").masks) == ["embeddings", "reverse_embeddings"]
+    x = rng.integers(0, 20, (4, 5)).astype("int32")
+    before = to_numpy(sparse(x, training=False))
+    sparse.quantize("int8")
+    assert sparse.get_layer("tokens").quantization_mode == "int8"
+    np.testing.assert_allclose(to_numpy(sparse(x, training=False)), before, atol=0.05)
+
+
+def test_a_keras_file_saved_before_the_reverse_embeddings_mask_loads_with_the_same_model():
+    # Saved on 2026-12-06 (JAX), before an untied ReversibleEmbedding's output
+    # projection had a mask of its own: the file holds the projection without one. It
+    # loads, the projection's mask starts fresh (keeping every weight, as the layer did)
+    # and the model computes what it computed then.
+    name = "reversible_embedding_untied_2026-12-06"
+    arrays = dict(np.load(os.path.join(FIXTURES, name + ".npz")))
+    model = keras.saving.load_model(os.path.join(FIXTURES, name + ".keras"))
+    tokens = model.get_layer("tokens")
+    assert list(tokens.masks) == ["embeddings", "reverse_embeddings"]
+    reverse = tokens.masks["reverse_embeddings"]
+    np.testing.assert_array_equal(to_numpy(reverse.threshold), 0.0)
+    assert to_numpy(reverse.prune_mask).all()
+    np.testing.assert_array_equal(to_numpy(reverse.kernel), arrays["reverse_embeddings"])
+    np.testing.assert_array_equal(
+        to_numpy(tokens.masks["embeddings"].effective_weight()), arrays["embeddings"]
+    )
+    np.testing.assert_allclose(
+        to_numpy(model(arrays["x"], training=False)), arrays["y"], rtol=1e-5, atol=1e-6
+    )
+
+
 # ----------------------------------------------------- across the backends
 
 
