@@ -306,6 +306,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         if not self.frozen:
             for mask in self._masks:
                 mask.driver = self
+                mask._driven_at_step = None  # a new fit may count its steps from 0 again
         self._retrace()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -491,6 +492,12 @@ class SparsityScheduler(keras.callbacks.Callback):
             # written to the masks at the epoch's end).
             if self.step % self.update_every:
                 return
+            # Once per step, even if a custom train step runs the model twice:
+            # a second update would write the temperature and the penalty
+            # that the first forward pass's backward still needs.
+            if mask.__dict__.get("_driven_at_step") == self.step:
+                return
+            mask._driven_at_step = self.step
             # The step as a Python number: the schedules then compute the
             # target and the temperature in Python, not as scalar ops.
             values = self._update(mask, kernel, float(self.step), group)

@@ -44,6 +44,7 @@ smaller, simpler artifact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import importlib.util
@@ -181,10 +182,16 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
         # Files written beside the artifact belong to it (an ONNX model's
         # weights go to `<name>.onnx.data` when large, found by that name):
         # they move first, so that the artifact appears last, complete.
-        for name in sorted(os.listdir(scratch)):
+        written = sorted(os.listdir(scratch))
+        for name in written:
             if name != os.path.basename(partial):
                 _replace(os.path.join(scratch, name), os.path.join(directory, name))
         _replace(partial, filepath)
+        # An earlier export's data file that this one did not write is stale.
+        stale = os.path.basename(filepath) + ".data"
+        if format == "onnx" and stale not in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, stale))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return filepath

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -827,8 +828,10 @@ class KernelMask:
             context = global_state.get_global_attribute("current_call_ctx")
         if context is None:
             return True
-        first = context is not self._training_forward
-        self._training_forward = context
+        # A weak reference: the context holds the model (the scope, on JAX,
+        # the values being traced), which must not outlive its forward pass.
+        first = self._training_forward is None or self._training_forward() is not context
+        self._training_forward = weakref.ref(context)
         return first
 
     # ------------------------------------------- statistics and actions

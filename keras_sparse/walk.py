@@ -91,7 +91,15 @@ def unpruned_matrices(layer):
     if not masks:
         return matrices
     pruned = {id(v) for mask in masks.values() for v in (mask.kernel, *mask.variables)}
-    return [v for v in matrices if id(v) not in pruned]
+    return [v for v in matrices if id(v) not in pruned and not _of_a_keras_mode(v)]
+
+
+def _of_a_keras_mode(variable):
+    """Whether `variable` belongs to one of Keras's modes of a kernel rather than being a
+    weight of its own: `enable_lora()`'s low-rank factors (an update to the kernel) and a
+    quantized kernel's scales."""
+    name = variable.name.split("/")[-1]
+    return name.startswith("lora_") or name.endswith("_scale")
 
 
 def display_names(model, layers):

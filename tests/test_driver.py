@@ -414,6 +414,40 @@ def test_a_layer_called_twice_per_step_is_driven_and_penalised_once():
     assert total_active(m) == round(0.4 * total_size(m))
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's tracer-leak check")
+def test_a_mask_keeps_no_traced_value_after_the_step():
+    # A mask remembers the forward pass that last called it (to drive once per pass):
+    # a strong reference to JAX's stateless scope kept the values being traced alive.
+    import jax
+
+    m = compiled(model())
+    with jax.checking_leaks():
+        fit(m, ks.SparsityScheduler(ks.PolynomialDecay(0.5, end_step=100)), epochs=1)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="an eager PyTorch train step")
+def test_a_custom_train_step_calling_the_model_twice_drives_each_mask_once_a_step():
+    # Two forward passes in one step (two views of a batch): the second updated the
+    # temperature and the penalty in place while the first's backward still needed them.
+    class TwoViews(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            self.zero_grad()
+            loss = self.compute_loss(x, y, self(x, training=True))
+            loss = loss + self.compute_loss(x, y, self(0.9 * x, training=True))
+            loss.backward()
+            variables = self.trainable_weights
+            self.optimizer.apply([v.value.grad for v in variables], variables)
+            return {"loss": loss}
+
+    plain = model()
+    m = compiled(TwoViews(plain.inputs, plain.outputs))
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.6, end_step=24), update_every=1)
+    fit(m, scheduler, epochs=4)
+    assert scheduler.frozen
+    assert total_active(m) == round(0.4 * total_size(m))
+
+
 def test_numpy_scalars_are_numbers_and_strings_are_not_bools():
     ks.PolynomialDecay(np.float32(0.9), begin_step=np.int64(0), end_step=np.int64(100))
     ks.SparsityScheduler(np.float64(0.5), min_density=np.float32(0.02))

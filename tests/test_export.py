@@ -315,6 +315,11 @@ def test_onnx_with_its_weights_in_a_data_file_keeps_that_file(tmp_path):
     session = ort.InferenceSession(str(path))
     (served,) = session.run(None, {session.get_inputs()[0].name: x})
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
+    # A smaller model exported to the same path leaves no stale data file behind.
+    small_inputs = keras.Input((3,))
+    small = sparsify(keras.Model(small_inputs, keras.layers.Dense(2)(small_inputs)))
+    export_model(small, path, "onnx", strip=True)
+    assert os.listdir(tmp_path) == ["model.onnx"]
 
 
 def test_export_with_strip_needs_a_sparse_layer(tmp_path):

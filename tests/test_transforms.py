@@ -261,6 +261,22 @@ def test_kernels_with_an_axis_of_one_are_pruned_too():
     assert report.coverage == 1.0
 
 
+def test_lora_factors_and_quantization_scales_are_not_weights_left_dense():
+    # enable_lora()'s factors update the masked kernel, and an int4 kernel's block scales
+    # belong to it: neither is a matrix left dense beside it.
+    model = sparsify(_dense_model())
+    for layer in sparse_layers(model):
+        layer.enable_lora(2)
+    report = sparsity_report(model)
+    assert report.dense == () and report.coverage == 1.0
+    quantized = sparsify(_dense_model())
+    config = keras.quantizers.Int4QuantizationConfig(block_size=2)
+    quantized.quantize("int4", config=config)
+    assert [v.name for v in quantized.get_layer("hidden").weights if "scale" in v.name]
+    report = sparsity_report(quantized)
+    assert report.dense == () and report.coverage == 1.0
+
+
 def test_a_converted_layer_holding_a_matrix_its_class_does_not_prune_is_reported():
     # A subclass of a stock layer converts with its stock class's masks; a matrix it
     # adds is left dense, and said to be (keras-hub's untied `reverse_embeddings`, a
