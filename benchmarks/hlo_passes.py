@@ -115,29 +115,11 @@ def jax_programs(layers, x, y):
 
 
 def tensorflow_programs(layers, x, y):
-    import tensorflow as tf
-
     from benchmarks import speed
 
-    def compiled_step(layer):
-        variables = layer.trainable_variables
-
-        @tf.function(jit_compile=True)
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                out = layer(x, training=True)
-                loss = tf.reduce_mean(tf.square(out - y))
-                for extra in layer.losses:
-                    loss = loss + extra
-            grads = tape.gradient(loss, [v.value for v in variables])
-            for v, g in zip(variables, grads):
-                v.assign_sub(speed.LR * g)
-            return loss
-
-        return step
-
+    adapter = speed.TensorFlowAdapter()
     for name, layer in layers.items():
-        step = compiled_step(layer)
+        step = adapter._step(layer)
         yield name, step.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
 
 

@@ -317,7 +317,8 @@ class TensorFlowAdapter:
     def versions(self):
         return {"tensorflow": self.tf.__version__}
 
-    def train(self, layer, x, y):
+    def _step(self, layer):
+        """The compiled training step of `layer` (also read by hlo_passes.py)."""
         tf = self.tf
         variables = layer.trainable_variables
 
@@ -332,6 +333,11 @@ class TensorFlowAdapter:
             for v, g in zip(variables, grads):
                 v.assign_sub(LR * g)
             return loss
+
+        return step
+
+    def train(self, layer, x, y):
+        step = self._step(layer)
 
         def run():
             step(x, y).numpy()
