@@ -27,12 +27,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_sparse.mask import DEFAULT_RELATIVE_TEMPERATURE, KernelMask, MaskOptions
+from keras_sparse.mask import DEFAULT_RELATIVE_TEMPERATURE, STATE_FIELDS, KernelMask, MaskOptions
 
 __all__ = [
     "DEFAULT_RELATIVE_TEMPERATURE",
@@ -340,15 +341,17 @@ class SparseKernelMixin:
         # `reverse_embeddings`, pruned since 2026-12-07): a file saved before
         # holds the kernel without its mask, which then starts fresh (keeping
         # every weight, as the layer did).
-        later = [
-            v
+        later = {
+            name: mask
             for name, mask in self._kernel_masks.items()
             if self.masked_kernels[name].present is not None
-            for v in mask.variables
-        ]
-        if later and len(store.keys()) == len(variables) - len(later):
-            variables = [v for v in variables if not any(v is w for w in later)]
-            masks = [m for m in masks if not any(m.threshold is w for w in later)]
+        }
+        later_variables = [v for mask in later.values() for v in mask.variables]
+        fresh = {}
+        if later and len(store.keys()) == len(variables) - len(later_variables):
+            variables = [v for v in variables if not any(v is w for w in later_variables)]
+            masks = [m for m in masks if all(m is not f for f in later.values())]
+            fresh = later
         if len(store.keys()) == len(variables) - len(masks):
             # Saved before masks had a driver state (keras-sparse 0.1): every
             # other variable is there, in the same order.
@@ -365,9 +368,37 @@ class SparseKernelMixin:
         for mask in masks:
             mask._plain_inference = False
             mask.frozen = bool(ops.convert_to_numpy(mask.state("frozen")) > 0)
+        if fresh:
+            self._start_fresh_masks_beside(masks, fresh)
         if self.quantization_mode:
             for mask in masks:
                 mask.frozen = True
+
+    def _start_fresh_masks_beside(self, loaded, fresh):
+        """Masks the file did not hold start keeping every weight, in step with the
+        layer's loaded masks (their driver's step and strength; frozen if they are, so
+        that further training leaves the kernel dense as the file had it), and say so."""
+        like = np.array(ops.convert_to_numpy(loaded[0].sparsity_state)) if loaded else None
+        for mask in fresh.values():
+            if like is not None:
+                state = like.copy()
+                state[STATE_FIELDS.index("hard_density")] = 1.0
+                state[STATE_FIELDS.index("weight_scale")] = 0.0  # measured at the next start
+                mask.sparsity_state.assign(state)
+                mask.frozen = bool(state[STATE_FIELDS.index("frozen")] > 0)
+        if like is not None and like[STATE_FIELDS.index("frozen")] > 0:
+            then = (
+                "frozen like the layer's other masks, so training keeps it dense; to prune "
+                "it, train `keras_sparse.sparsify(keras_sparse.strip(model))` again"
+            )
+        else:
+            then = "a SparsityScheduler prunes it with the rest in the next fit"
+        names = ", ".join(f"`{name}`" for name in fresh)
+        warnings.warn(
+            f"Layer '{self.name}': the file holds no mask for {names} (saved by a "
+            f"keras-sparse that left it dense). It starts keeping every weight, {then}.",
+            stacklevel=2,
+        )
 
     # -------------------------------------------------- Keras's own modes
 

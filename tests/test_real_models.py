@@ -527,7 +527,8 @@ def test_a_keras_file_saved_before_the_reverse_embeddings_mask_loads_with_the_sa
     # and the model computes what it computed then.
     name = "reversible_embedding_untied_2026-12-06"
     arrays = dict(np.load(os.path.join(FIXTURES, name + ".npz")))
-    model = keras.saving.load_model(os.path.join(FIXTURES, name + ".keras"))
+    with pytest.warns(UserWarning, match="no mask for `reverse_embeddings`.*in the next fit"):
+        model = keras.saving.load_model(os.path.join(FIXTURES, name + ".keras"))
     tokens = model.get_layer("tokens")
     assert list(tokens.masks) == ["embeddings", "reverse_embeddings"]
     reverse = tokens.masks["reverse_embeddings"]
@@ -537,6 +538,32 @@ def test_a_keras_file_saved_before_the_reverse_embeddings_mask_loads_with_the_sa
     np.testing.assert_array_equal(
         to_numpy(tokens.masks["embeddings"].effective_weight()), arrays["embeddings"]
     )
+    np.testing.assert_allclose(
+        to_numpy(model(arrays["x"], training=False)), arrays["y"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_a_frozen_file_saved_before_the_reverse_embeddings_mask_loads_frozen():
+    # The same model trained to the freeze by that version (a SparsityScheduler to 50%),
+    # saved frozen. The fresh mask takes the layer's driver state: it is frozen with the
+    # others (training keeps the projection dense, as the file had it), and a later
+    # SparsityScheduler, which resumes from the first mask's state, still finds the
+    # model frozen whichever mask comes first.
+    name = "reversible_embedding_untied_frozen_2026-12-06"
+    arrays = dict(np.load(os.path.join(FIXTURES, name + ".npz")))
+    with pytest.warns(UserWarning, match="`reverse_embeddings`.*frozen like the layer's other"):
+        model = keras.saving.load_model(os.path.join(FIXTURES, name + ".keras"))
+    tokens = model.get_layer("tokens")
+    embeddings, reverse = tokens.masks["embeddings"], tokens.masks["reverse_embeddings"]
+    assert embeddings.frozen and reverse.frozen
+    embeddings_state = to_numpy(embeddings.sparsity_state)
+    reverse_state = to_numpy(reverse.sparsity_state)
+    assert embeddings_state[0] > 0  # the driver's step
+    np.testing.assert_array_equal(reverse_state[[0, 1, 4]], embeddings_state[[0, 1, 4]])
+    assert reverse_state[2] == 1.0  # its hard density: every weight kept
+    assert to_numpy(reverse.prune_mask).all()
+    np.testing.assert_array_equal(to_numpy(reverse.kernel), arrays["reverse_embeddings"])
+    np.testing.assert_array_equal(to_numpy(embeddings.effective_weight()), arrays["embeddings"])
     np.testing.assert_allclose(
         to_numpy(model(arrays["x"], training=False)), arrays["y"], rtol=1e-5, atol=1e-6
     )
