@@ -49,9 +49,9 @@ def _clone(model, replace):
     Layers for which `replace` returns None are cloned from their config and
     get the original's weights; replaced layers are returned as `(old, new)`
     pairs for the caller to fill. A layer whose config does not rebuild it
-    (keras-hub's `ViTPatchingAndEmbedding` takes arguments its config lacks)
-    is taken as it is: `model` is `shrink`'s own stripped copy, so no user
-    model shares it.
+    (keras-hub's `ViTPatchingAndEmbedding` takes arguments its config lacks;
+    `T5TransformerLayer` has no config at all) is taken as it is: `model` is
+    `shrink`'s own stripped copy, so no user model shares it.
     """
     replaced, cloned = [], []
 
@@ -60,7 +60,7 @@ def _clone(model, replace):
         if new is None:
             try:
                 new = layer.__class__.from_config(layer.get_config())
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, NotImplementedError):
                 return layer
             cloned.append((layer, new))
         else:
