@@ -28,6 +28,7 @@ JSON files into a Markdown table and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -76,6 +77,21 @@ def parse_args(argv=None):
         type=int,
         default=None,
         help="the driver's update_every (default: SparsityScheduler's)",
+    )
+    parser.add_argument(
+        "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
+    )
+    parser.add_argument(
+        "--begin-fraction",
+        type=float,
+        default=0.0,
+        help="the ramp's start as a fraction of the steps (dense training before it)",
+    )
+    parser.add_argument(
+        "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"
+    )
+    parser.add_argument(
+        "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
     )
     add_ablation_arguments(parser)
     add_initial_weights_arguments(parser)
@@ -134,7 +150,11 @@ def compile_model(model):
 def driver(schedule, args, end_step):
     import keras_sparse as ks
 
-    given = {"min_density": args.min_density, "update_every": args.update_every}
+    given = {
+        "min_density": args.min_density,
+        "update_every": args.update_every,
+        "gain": args.gain,
+    }
     given["temperature"] = temperature_schedule(args, end_step)
     return ks.SparsityScheduler(schedule, **{k: v for k, v in given.items() if v is not None})
 
@@ -157,12 +177,17 @@ def run_one(method, target, seed, args, data):
         model.fit(x_train, y_train, epochs=args.epochs, **fit)
         final = model
     elif method == "sparse_linear":
-        model = lenet(ks.SparseLinear)
+        model = lenet(functools.partial(ks.SparseLinear, structured=not args.per_weight))
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
         compile_model(model)
         end_step = int(args.end_fraction * total_steps)
-        schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
+        schedule = ks.PolynomialDecay(
+            target,
+            begin_step=int(args.begin_fraction * total_steps),
+            end_step=end_step,
+            power=args.power,
+        )
         scheduler = driver(schedule, args, end_step)
         model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
