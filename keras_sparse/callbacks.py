@@ -307,6 +307,9 @@ class SparsityScheduler(keras.callbacks.Callback):
             for mask in self._masks:
                 mask.driver = self
                 mask._driven_at_step = None  # a new fit may count its steps from 0 again
+        for mask in self._masks:
+            mask._called_in_training = False  # set by the mask's training forward pass
+        self._use_checked, self._stepped = False, False
         self._retrace()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -317,12 +320,65 @@ class SparsityScheduler(keras.callbacks.Callback):
     # step's logs before dispatching the next step (no asynchronous dispatch).
     # The step count is kept from the batches begun instead.
     def on_train_batch_begin(self, batch, logs=None):
+        if self._stepped and not self._use_checked:
+            self._leave_out_masks_not_trained()
+        self._stepped = True
         self.step = self._epoch_start + int(batch)
         self._batches_begun = int(batch) + self._steps_per_call
         if not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0:
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
             with _host_reads():
                 self._freeze(self._steps(self.step))
+
+    def _leave_out_masks_not_trained(self):
+        """After the first training step: leave out the masks it did not call, and say so.
+
+        A mask outside the training forward pass (a layer the model holds but
+        does not call, keras-hub's untied output projection in a backbone)
+        learns nothing and counts no steps: as the first mask, which the
+        driver reads its step from and which updates the global penalty, it
+        stopped the schedule, and elsewhere the freeze cut it by magnitude.
+        """
+        self._use_checked = True
+        if self.frozen:
+            return
+        unused = [
+            name
+            for mask, name in zip(self._masks, self._names)
+            if not getattr(mask, "_called_in_training", True)
+        ]
+        if not unused:
+            return
+        if len(unused) == len(self._masks):
+            raise ValueError(
+                f"SparsityScheduler: the first training step of model '{self.model.name}' "
+                f"called none of the masks {unused} in training mode, so nothing can be "
+                "pruned. A subclassed model's `call` must take `training` and pass it to "
+                "its layers (`self.dense(x, training=training)`: JAX's fit runs `call` "
+                "without Keras's training context). Or pass the layers this fit trains: "
+                "SparsityScheduler(..., layers=[...])."
+            )
+        kept = [
+            (mask, name)
+            for mask, name in zip(self._masks, self._names)
+            if getattr(mask, "_called_in_training", True)
+        ]
+        for mask in self._masks:
+            if not getattr(mask, "_called_in_training", True):
+                mask.driver = None
+        self._masks = [mask for mask, _ in kept]
+        self._names = [name for _, name in kept]
+        self._programs = {}
+        self.model  # noqa: B018 -- JAX: sync the variables before reading them
+        with _host_reads():
+            self.step = int(ops.convert_to_numpy(self._masks[0].sparsity_state)[_STEP])
+        self._retrace()
+        warnings.warn(
+            f"SparsityScheduler: the training step does not call the masks of {unused}. "
+            "They are left out of the schedule and keep every weight; its sparsity "
+            "counts the other masks.",
+            stacklevel=2,
+        )
 
     def _count_steps(self):
         """The steps taken, at an epoch's or the training's end."""
@@ -345,6 +401,8 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
+        if not self._use_checked:
+            self._leave_out_masks_not_trained()
         self._count_steps()
         if logs is None:
             return

@@ -744,6 +744,7 @@ class KernelMask:
 
     def _start_training(self):
         self._seen_training = True
+        self._called_in_training = True  # `SparsityScheduler` leaves out masks not called
         if self._plain_inference and self._plain_traced:
             warnings.warn(
                 f"Layer '{self.layer.name}' is trained after `hard_prune()`: inference "

@@ -414,6 +414,61 @@ def test_a_layer_called_twice_per_step_is_driven_and_penalised_once():
     assert total_active(m) == round(0.4 * total_size(m))
 
 
+class WithALayerItDoesNotCall(keras.Model):
+    """A subclassed model holding a sparse layer (made first) that its `call` does not use."""
+
+    def __init__(self):
+        super().__init__(name="holder")
+        self.unused = ks.SparseLinear(4, name="unused")
+        self.hidden = ks.SparseLinear(16, activation="relu", name="hidden")
+        self.logits = ks.SparseLinear(2, name="logits")
+
+    def build(self, input_shape):
+        self.unused.build(input_shape)
+        self.hidden.build(input_shape)
+        self.logits.build((None, 16))
+
+    def call(self, x, training=None):
+        return self.logits(self.hidden(x, training=training), training=training)
+
+
+class WithoutTraining(WithALayerItDoesNotCall):
+    """Its `call` takes no `training`: Keras then runs its layers in inference mode in fit."""
+
+    def call(self, x):
+        return self.logits(self.hidden(x))
+
+
+def test_a_mask_the_training_step_does_not_call_is_left_out_and_said():
+    # The first mask was not called: the driver read its step from it (0 for ever on a
+    # compiled step: nothing was pruned) and left the global penalty to it; eager
+    # PyTorch, which counts steps in Python, had the freeze cut it by magnitude.
+    m = WithALayerItDoesNotCall()
+    m.build((None, 12))
+    compiled(m)
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.6, end_step=3 * STEPS_PER_EPOCH))
+    with pytest.warns(UserWarning, match=r"does not call the masks of \['unused'\]"):
+        fit(m, scheduler, epochs=4)
+    assert scheduler.frozen
+    trained = [m.hidden.masks["kernel"], m.logits.masks["kernel"]]
+    kept = sum(int(to_numpy(mask.prune_mask).sum()) for mask in trained)
+    assert kept == round(0.4 * sum(mask.size for mask in trained))
+    assert to_numpy(m.unused.masks["kernel"].prune_mask).all()
+    assert set(scheduler.statistics()) >= {"density/hidden", "density/logits"}
+    assert "density/unused" not in scheduler.statistics()
+
+
+def test_a_subclassed_model_that_does_not_pass_training_on_is_refused_with_the_way_out():
+    # Its layers run in inference mode in fit (no mask trains): nothing was pruned, and
+    # the end-of-training warning blamed too few epochs.
+    m = WithoutTraining()
+    m.build((None, 12))
+    compiled(m)
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.6, end_step=3 * STEPS_PER_EPOCH))
+    with pytest.raises(ValueError, match=r"must take `training` and pass it to its layers"):
+        fit(m, scheduler, epochs=1)
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's tracer-leak check")
 def test_a_mask_keeps_no_traced_value_after_the_step():
     # A mask remembers the forward pass that last called it (to drive once per pass):
