@@ -122,12 +122,14 @@ def export_problem(format, backend=None):
 
 
 def _sample_inputs(model):
-    """Zeros shaped like the model's inputs, unknown dimensions set to 1."""
-    inputs = model.inputs
-    return [
-        np.zeros([1 if d is None else int(d) for d in x.shape], dtype=x.dtype or "float32")
-        for x in inputs
-    ]
+    """Zeros shaped like the model's inputs, in their structure (a keras-hub model takes a
+    dict), unknown dimensions set to 1."""
+    return keras.tree.map_structure(
+        lambda x: np.zeros(
+            [1 if d is None else int(d) for d in x.shape], dtype=x.dtype or "float32"
+        ),
+        model.input,
+    )
 
 
 def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbose=False, **kwargs):
@@ -168,8 +170,7 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
     if model.inputs and not getattr(target, "_called", True):
         # Keras's ONNX and LiteRT routes refuse a model that was never
         # called (a freshly loaded one on PyTorch): one call on zeros.
-        samples = _sample_inputs(target)
-        target(samples[0] if len(samples) == 1 else samples, training=False)
+        target(_sample_inputs(target), training=False)
     directory = os.path.dirname(os.path.abspath(filepath))
     base, ext = os.path.splitext(os.path.basename(filepath))
     if format == "tf_saved_model":
