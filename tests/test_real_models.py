@@ -391,6 +391,30 @@ def test_shrink_keeps_a_layer_without_a_config(rng):
         )
 
 
+def test_a_keras_hub_model_pruned_then_quantized_says_it_cannot_be_reloaded(tmp_path):
+    # keras-hub rebuilds its layers quantized from its config, and the in-place
+    # conversion then refused them with "prune the float model, then quantize it",
+    # which is what the user had done. The error now says what does work.
+    hub = require("keras_hub")
+    model = hub.models.BartBackbone(
+        vocabulary_size=30,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+        dropout=0.0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the layers Keras does not quantize
+        sparse = ks.sparsify(model)
+        sparse.quantize("int8")
+    path = os.path.join(tmp_path, "pruned_int8.keras")
+    sparse.save(path)
+    with pytest.raises(NotImplementedError, match=r"quantize `keras_sparse.strip\(model\)`"):
+        keras.saving.load_model(path)
+
+
 def test_select_takes_classes_regexes_and_predicates():
     model = residual_cnn()
 
