@@ -67,6 +67,27 @@ def add_ablation_arguments(parser):
     return parser
 
 
+def add_recipe_shape_arguments(parser):
+    """`--per-weight`, `--power`, `--begin-fraction` and `--gain`: the mask's granularity,
+    the ramp's shape and start, and the feedback's gain, as an ablation varies them."""
+    parser.add_argument(
+        "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
+    )
+    parser.add_argument(
+        "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"
+    )
+    parser.add_argument(
+        "--begin-fraction",
+        type=float,
+        default=0.0,
+        help="the ramp's start as a fraction of the steps (dense training before it)",
+    )
+    parser.add_argument(
+        "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
+    )
+    return parser
+
+
 def held_out(data, validation, fold=0):
     """`((x, y) train, (x, y) test)` with `validation` training images as the test split
     (the last ones for fold 0, the block before them for fold 1, ...), or `data` as it is

@@ -41,6 +41,7 @@ from _ablation import (
     add_ablation_arguments,
     add_data_argument,
     add_initial_weights_arguments,
+    add_recipe_shape_arguments,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
@@ -78,21 +79,7 @@ def parse_args(argv=None):
         default=None,
         help="the driver's update_every (default: SparsityScheduler's)",
     )
-    parser.add_argument(
-        "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
-    )
-    parser.add_argument(
-        "--begin-fraction",
-        type=float,
-        default=0.0,
-        help="the ramp's start as a fraction of the steps (dense training before it)",
-    )
-    parser.add_argument(
-        "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"
-    )
-    parser.add_argument(
-        "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
-    )
+    add_recipe_shape_arguments(parser)
     add_ablation_arguments(parser)
     add_initial_weights_arguments(parser)
     args = parser.parse_args(argv)

@@ -38,6 +38,7 @@ from pathlib import Path
 from _ablation import (
     add_ablation_arguments,
     add_initial_weights_arguments,
+    add_recipe_shape_arguments,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
@@ -79,9 +80,6 @@ def add_recipe_arguments(parser):
     add_ablation_arguments(parser)
     parser.add_argument("--scope", default="global", choices=("global", "per_layer"))
     parser.add_argument("--straight-through", action="store_true")
-    parser.add_argument(
-        "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
-    )
     parser.add_argument("--update-every", type=int, default=None, help="the driver's update_every")
     parser.add_argument(
         "--min-density",
@@ -89,18 +87,7 @@ def add_recipe_arguments(parser):
         default=None,
         help="the driver's floor (default: SparsityScheduler's)",
     )
-    parser.add_argument(
-        "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"
-    )
-    parser.add_argument(
-        "--begin-fraction",
-        type=float,
-        default=0.0,
-        help="the ramp's start as a fraction of the steps (dense training before it)",
-    )
-    parser.add_argument(
-        "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
-    )
+    add_recipe_shape_arguments(parser)
     add_initial_weights_arguments(parser)
     return parser
 

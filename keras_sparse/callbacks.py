@@ -342,11 +342,8 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._use_checked = True
         if self.frozen:
             return
-        unused = [
-            name
-            for mask, name in zip(self._masks, self._names)
-            if not getattr(mask, "_called_in_training", True)
-        ]
+        called = [mask._called_in_training for mask in self._masks]
+        unused = [name for name, used in zip(self._names, called) if not used]
         if not unused:
             return
         if len(unused) == len(self._masks):
@@ -358,16 +355,11 @@ class SparsityScheduler(keras.callbacks.Callback):
                 "without Keras's training context). Or pass the layers this fit trains: "
                 "SparsityScheduler(..., layers=[...])."
             )
-        kept = [
-            (mask, name)
-            for mask, name in zip(self._masks, self._names)
-            if getattr(mask, "_called_in_training", True)
-        ]
-        for mask in self._masks:
-            if not getattr(mask, "_called_in_training", True):
+        for mask, used in zip(self._masks, called):
+            if not used:
                 mask.driver = None
-        self._masks = [mask for mask, _ in kept]
-        self._names = [name for _, name in kept]
+        self._masks = [mask for mask, used in zip(self._masks, called) if used]
+        self._names = [name for name, used in zip(self._names, called) if used]
         self._programs = {}
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
         with _host_reads():
