@@ -68,10 +68,16 @@ def add_ablation_arguments(parser):
 
 
 def add_recipe_shape_arguments(parser):
-    """`--per-weight`, `--power`, `--begin-fraction` and `--gain`: the mask's granularity,
-    the ramp's shape and start, and the feedback's gain, as an ablation varies them."""
+    """`--per-weight`, `--straight-through`, `--power`, `--begin-fraction` and `--gain`: the
+    mask's granularity and estimator, the ramp's shape and start, and the feedback's gain, as
+    an ablation varies them."""
     parser.add_argument(
         "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
+    )
+    parser.add_argument(
+        "--straight-through",
+        action="store_true",
+        help="the hard mask forward, the soft mask's gradient backward (straight_through=True)",
     )
     parser.add_argument(
         "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"

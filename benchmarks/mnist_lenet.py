@@ -164,7 +164,13 @@ def run_one(method, target, seed, args, data):
         model.fit(x_train, y_train, epochs=args.epochs, **fit)
         final = model
     elif method == "sparse_linear":
-        model = lenet(functools.partial(ks.SparseLinear, structured=not args.per_weight))
+        model = lenet(
+            functools.partial(
+                ks.SparseLinear,
+                structured=not args.per_weight,
+                straight_through=args.straight_through,
+            )
+        )
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
         compile_model(model)

@@ -79,7 +79,6 @@ def add_recipe_arguments(parser):
     """The knobs of keras-sparse's recipe that an ablation varies, and where it is scored."""
     add_ablation_arguments(parser)
     parser.add_argument("--scope", default="global", choices=("global", "per_layer"))
-    parser.add_argument("--straight-through", action="store_true")
     parser.add_argument("--update-every", type=int, default=None, help="the driver's update_every")
     parser.add_argument(
         "--min-density",
