@@ -325,10 +325,13 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._stepped = True
         self.step = self._epoch_start + int(batch)
         self._batches_begun = int(batch) + self._steps_per_call
-        if not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0:
+        if self._ramp_ended():
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
             with _host_reads():
                 self._freeze(self._steps(self.step))
+
+    def _ramp_ended(self):
+        return not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0
 
     def _leave_out_masks_not_trained(self):
         """After the first training step: leave out the masks it did not call, and say so.
@@ -396,6 +399,11 @@ class SparsityScheduler(keras.callbacks.Callback):
         if not self._use_checked:
             self._leave_out_masks_not_trained()
         self._count_steps()
+        if self._masks and self._ramp_ended():
+            # A ramp that ends with the epoch: the batch that would freeze it may never
+            # begin (the fit's last step), and the epoch's logs should say what it holds.
+            with _host_reads():
+                self._freeze(self._steps(self.step))
         if logs is None:
             return
         with _host_reads():

@@ -291,6 +291,28 @@ def test_schedules_in_epochs_or_fractions_become_steps_of_this_fit(schedule, fre
     assert total_active(m) == round(0.4 * total_size(m))
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ks.PolynomialDecay(0.6, end_fraction=1.0),
+        ks.PolynomialDecay(0.6, end_epoch=3),
+        ks.PolynomialDecay(0.6, end_step=3 * STEPS_PER_EPOCH),
+    ],
+    ids=["fraction", "epochs", "steps"],
+)
+def test_a_ramp_ending_at_the_last_step_freezes_at_the_target(schedule):
+    # The freeze came at the start of the batch after the ramp's end, which a
+    # ramp ending with the fit never begins: it stayed soft, far from its target.
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(schedule)
+    history = fit(m, scheduler, epochs=3)
+    assert scheduler.frozen
+    kernels = [to_numpy(layer.kernel) for layer in ks.strip(m).layers]
+    kept, size = sum(np.count_nonzero(k) for k in kernels), sum(k.size for k in kernels)
+    assert kept == round(0.4 * size)
+    assert history.history["sparsity"][-1] == pytest.approx(1 - kept / size)
+
+
 def test_a_schedule_in_epochs_outside_fit_says_what_it_needs():
     with pytest.raises(ValueError, match="in epochs"):
         ks.PolynomialDecay(0.5, end_epoch=3)(10)
@@ -377,16 +399,17 @@ def test_thresholds_stay_at_zero_after_the_freeze_whatever_the_optimizer_gathere
     # The freeze zeroes the thresholds, and a frozen mask gives them a zero gradient;
     # Adam's moments from before the freeze would still move them, and the logs
     # (`threshold_mean/...`) would show thresholds that no longer mean anything.
-    # The freeze comes at the start of the fifth epoch: the logs of the fifth and sixth
-    # are taken during fine-tuning (the end of `fit` zeroes the thresholds again).
+    # The freeze comes at the end of the fourth epoch, the ramp's end: the logs of the
+    # fifth and sixth are taken after steps of fine-tuning (the end of `fit` zeroes the
+    # thresholds again).
     m = compiled(model())
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=4 * STEPS_PER_EPOCH))
     history = fit(m, scheduler, epochs=6)
     assert scheduler.frozen
     for layer in ks.sparse_layers(m):
         means = history.history[f"threshold_mean/{layer.name}"]
-        assert means[3] > 0.0, layer.name  # before the freeze
-        assert means[4:] == [0.0, 0.0], layer.name
+        assert means[2] > 0.0, layer.name  # before the freeze
+        assert means[3:] == [0.0, 0.0, 0.0], layer.name
 
 
 def test_a_layer_called_twice_per_step_is_driven_and_penalised_once():
