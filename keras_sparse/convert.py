@@ -495,17 +495,27 @@ def _captures(parent, child):
     return False
 
 
+def _rebuilt_from_saved_config(layer, root, parents):
+    """Whether a load rebuilds `layer` from the config its parent saves: its parent captures
+    it, and is the root or itself so rebuilt. A functional model made in another layer's
+    code (keras-hub's SegFormerBackbone makes one of its image encoder's layers) captures
+    layers whose saved configs no load reads."""
+    parent = parents[id(layer)]
+    if not _captures(parent, layer):
+        return False
+    return parent is root or _rebuilt_from_saved_config(parent, root, parents)
+
+
 def record_conversion(root, layer, parents, options, unit_axes=None):
     """Note in the owner of `layer` (if it has one) that `layer` was converted with `options`.
 
     `parents` maps `id(layer) -> parent` for the walk of `root`; `unit_axes`
     as given to `convert_layer`.
     """
-    parent = parents[id(layer)]
-    if _captures(parent, layer):
+    if _rebuilt_from_saved_config(layer, root, parents):
         return None
-    owner = parent
-    while owner is not root and not _captures(parents[id(owner)], owner):
+    owner = parents[id(layer)]
+    while owner is not root and not _rebuilt_from_saved_config(owner, root, parents):
         owner = parents[id(owner)]
     path = find_path(owner, layer)
     if path is None:

@@ -200,6 +200,43 @@ def test_layers_a_parent_rebuilds_stay_sparse_with_their_options_on_reload():
     assert all(not layer.is_structured for layer in layers)
 
 
+@keras.saving.register_keras_serializable("tests")
+class EncoderWithHead(keras.Model):
+    """A functional model whose config holds its sizes, built in code around a functional
+    encoder it makes itself (as keras-hub's SegFormerBackbone does around its encoder's
+    layers): the encoder's own config is never read back."""
+
+    def __init__(self, units=5, **kwargs):
+        encoder_inputs = keras.Input((4,))
+        encoder = keras.Model(
+            encoder_inputs, keras.layers.Dense(units, name="encoded")(encoder_inputs)
+        )
+        inputs = keras.Input((4,))
+        outputs = keras.layers.Dense(2, name="head")(encoder(inputs))
+        super().__init__(inputs, outputs, **kwargs)
+        self.units = units
+
+    def get_config(self):
+        return {"units": self.units, "name": self.name}
+
+
+def test_layers_of_a_functional_model_made_in_code_stay_sparse_on_reload(rng, tmp_path):
+    # The encoder's graph captures its layers, but the file rebuilds the encoder from
+    # EncoderWithHead's code, with stock layers: the load failed ("expected 2
+    # variables, but received 7") unless the conversion is replayed from the outer model.
+    model = EncoderWithHead(name="with_head")
+    sparse = sparsify(model)
+    for layer in sparse_layers(sparse):
+        layer.threshold.assign(np.full(layer.threshold.shape, 0.3, "float32"))
+        layer.hard_prune()  # the masks now differ from the stock layers' all-kept
+    path = tmp_path / "with_head.keras"
+    sparse.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert sorted(layer.name for layer in sparse_layers(reloaded)) == ["encoded", "head"]
+    x = rng.normal(size=(3, 4)).astype("float32")
+    np.testing.assert_allclose(to_numpy(reloaded(x)), to_numpy(sparse(x)), atol=1e-6)
+
+
 def _left_dense_model():
     """A PReLU (a 4 x 5 alpha, no sparse version) before a Dense of 20 x 3."""
     inputs = keras.Input((4, 5))
