@@ -475,7 +475,8 @@ class ShrinkResult:
         params_before, params_after: `count_params()` of the stripped model
             and of the new one.
         flops_before, flops_after: The multiply-adds of those layers for one
-            example, times two.
+            example, times two; `None` when the model has none at its top
+            level (a keras-hub backbone's are inside its blocks).
 
     `str(result)` is a text table of `layers`.
     """
@@ -484,8 +485,8 @@ class ShrinkResult:
     layers: tuple
     params_before: int
     params_after: int
-    flops_before: int
-    flops_after: int
+    flops_before: int | None
+    flops_after: int | None
 
     def __str__(self):
         rows = [
@@ -505,10 +506,13 @@ class ShrinkResult:
             for row in [_HEADERS, *rows]
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(
-            f"params {self.params_before} -> {self.params_after}, "
+        flops = (
             f"FLOPs per example {self.flops_before} -> {self.flops_after}"
+            if self.flops_before is not None
+            else "FLOPs not counted (no Dense, convolution or attention layer at the "
+            "model's top level)"
         )
+        lines.append(f"params {self.params_before} -> {self.params_after}, {flops}")
         return "\n".join(lines)
 
 
@@ -860,7 +864,7 @@ def shrink(model):
         new.set_weights(weights)
 
     new_layers = {layer.name: layer for layer in new_model.layers}
-    rows, flops_before, flops_after = [], 0, 0
+    rows, flops_before, flops_after, counted = [], 0, 0, False
     for layer, node in kernel_layers:
         keep_in, keep_out = keeps(node)
         out = channels.tensors[id(node.output_tensors[0])]
@@ -885,6 +889,7 @@ def shrink(model):
         )
         flops_before += _flops(layer)
         flops_after += _flops(new)
+        counted = True
     for layer in stripped.layers:
         if id(layer) in heads:
             keep_heads, reason = heads[id(layer)]
@@ -903,6 +908,7 @@ def shrink(model):
             )
             flops_before += _attention_flops(layer)
             flops_after += _attention_flops(new_layers[layer.name])
+            counted = True
     handled = {id(layer) for layer, _ in kernel_layers} | set(heads)
     for layer in stripped.layers:
         if id(layer) in handled or not isinstance(layer, _REPORTED) or not layer.built:
@@ -929,6 +935,6 @@ def shrink(model):
         layers=tuple(rows),
         params_before=int(stripped.count_params()),
         params_after=int(new_model.count_params()),
-        flops_before=flops_before,
-        flops_after=flops_after,
+        flops_before=flops_before if counted else None,
+        flops_after=flops_after if counted else None,
     )

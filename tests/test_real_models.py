@@ -342,6 +342,16 @@ def test_keras_hub_attention_prunes_whole_heads_reloads_and_shrink_says_what_sta
         ks.shrink(sparse)
 
 
+def test_shrink_of_a_model_whose_kernels_are_all_inside_blocks_counts_no_flops(rng):
+    # shrink counts the FLOPs of the layers at the model's top level: with none there
+    # (a keras-hub backbone's are inside its blocks) it printed "0 -> 0".
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Block(4, name="block")(inputs))
+    result = ks.shrink(sparsify_quietly(model)[0])
+    assert result.flops_before is None and result.flops_after is None
+    assert "FLOPs not counted" in str(result)
+
+
 def test_shrink_keeps_a_layer_that_does_not_rebuild_from_its_config(rng):
     # keras-hub's ViTPatchingAndEmbedding takes arguments its config lacks: shrink, which
     # copies the model layer by layer, crashed on it with keras-hub's TypeError. It keeps
