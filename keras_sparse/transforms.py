@@ -193,11 +193,12 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
             "on data or build it with `keras.Input` first."
         )
     target = model if inplace else copy_model(model)
-    # The model's parameters before conversion (the masks' own variables are not its).
-    total = sum(math.prod(v.shape) for v in target.weights)
     found = walk(target)
     parents = {id(layer): parent for layer, parent in found}
     layers = [layer for layer, _ in found]
+    # Counted before conversion (the masks' variables are not the model's), over what
+    # `sparsity_report` counts, so that the warning's shares and the report's agree.
+    total = sum(math.prod(v.shape) for layer in layers for v in weight_matrices(layer))
     holders = [layer for layer in layers if weight_matrices(layer)]
     selected = [layer for layer in holders if predicate(layer)]
     chosen = [layer for layer in selected if _why_not(layer) is None]
@@ -288,7 +289,8 @@ def _sparsify_heads(model, select, predicate, inplace, layer_kwargs):
 
 
 def _warn_left_dense(model, refused, total):
-    """Warn of the `(layer, why)` pairs left dense, each with its share of `total` parameters."""
+    """Warn of the `(layer, why)` pairs left dense, each with its share of the model's
+    `total` weight-matrix values."""
     total = total or 1
     names = display_names(model, [layer for layer, _ in refused])
     parts = [
@@ -298,7 +300,7 @@ def _warn_left_dense(model, refused, total):
     share = sum(math.prod(v.shape) for layer, _ in refused for v in unpruned_matrices(layer))
     warnings.warn(
         f"sparsify() left {len(refused)} selected layer(s) with weight matrices dense, "
-        f"{share / total:.1%} of the parameters of '{model.name}': " + ", ".join(parts),
+        f"{share / total:.1%} of the weight-matrix values of '{model.name}': " + ", ".join(parts),
         stacklevel=3,
     )
 

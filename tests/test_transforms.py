@@ -246,16 +246,21 @@ def _left_dense_model():
 
 
 def test_sparsify_warns_of_layers_left_dense_with_their_share():
-    # 20 + 60 + 3 parameters: the PReLU's alpha is 20 / 83 of them.
+    # Weight matrices of 20 + 60 values: the PReLU's alpha is 20 / 80 of them (the
+    # bias is not counted, as `sparsity_report` does not count it).
     with pytest.warns(UserWarning) as caught:
         model = sparsify(_left_dense_model())
     (message,) = [str(w.message) for w in caught if "sparsify()" in str(w.message)]
-    share = f"{20 / 83:.1%}"
+    share = f"{20 / 80:.1%}"
     assert message == (
         "sparsify() left 1 selected layer(s) with weight matrices dense, "
-        f"{share} of the parameters of 'mixed': 'prelu' (PReLU has no sparse version; {share})"
+        f"{share} of the weight-matrix values of 'mixed': 'prelu' (PReLU has no sparse "
+        f"version; {share})"
     )
     assert [layer.name for layer in sparse_layers(model)] == ["fc"]
+    (dense,) = sparsity_report(model).dense
+    report_share = dense.params / (sparsity_report(model).total.total + dense.params)
+    assert f"{report_share:.1%}" == share
 
 
 def test_vectors_and_biases_of_any_rank_are_not_weight_matrices():
@@ -272,14 +277,15 @@ def test_vectors_and_biases_of_any_rank_are_not_weight_matrices():
     inputs = keras.Input((3, 4))
     hidden = keras.layers.GRU(5, name="gru")(Token(name="token")(inputs))
     model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(hidden), name="recurrent")
-    total = 4 + (4 * 15 + 5 * 15 + 2 * 15) + (5 * 2 + 2)
+    matrices = (4 * 15 + 5 * 15) + 5 * 2  # the GRU's kernels and the Dense's
     with pytest.warns(UserWarning) as caught:
         sparse = sparsify(model, inplace=True)  # custom layers: no copy through the config
     (message,) = [str(w.message) for w in caught if "sparsify()" in str(w.message)]
-    share = f"{(4 * 15 + 5 * 15) / total:.1%}"
+    share = f"{(4 * 15 + 5 * 15) / matrices:.1%}"
     assert message == (
         f"sparsify() left 1 selected layer(s) with weight matrices dense, {share} of the "
-        f"parameters of 'recurrent': 'gru_cell' (GRUCell has no sparse version; {share})"
+        f"weight-matrix values of 'recurrent': 'gru_cell' (GRUCell has no sparse version; "
+        f"{share})"
     )
     assert [(d.class_name, d.params) for d in sparsity_report(sparse).dense] == [
         ("GRUCell", 4 * 15 + 5 * 15)
