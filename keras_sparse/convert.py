@@ -202,7 +202,7 @@ def check_options(options):
 HEADS_AXES = (0,)
 
 
-def convert_layer(layer, options=None, unit_axes=None):
+def convert_layer(layer, options=None, unit_axes=None, restoring=False):
     """Turn the built stock layer `layer` into its sparse class, in place; returns it.
 
     The kernel keeps its values, and thresholds start at
@@ -217,6 +217,10 @@ def convert_layer(layer, options=None, unit_axes=None):
         unit_axes: For an `EinsumDense`, the kernel axes whose entries are
             the mask's units, instead of those its equation names as outputs
             (`HEADS_AXES`: an attention output projection's heads).
+        restoring: Whether a load is restoring a layer that was pruned
+            before it was quantized: a quantized layer is then taken (its
+            masks are set from the file, frozen), where pruning one is
+            refused.
     """
     cls = sparse_class_for(type(layer))
     if cls is None:
@@ -226,7 +230,7 @@ def convert_layer(layer, options=None, unit_axes=None):
             f"Layer '{layer.name}' is not built: build the model (call it on data, or "
             "start it with keras.Input) before converting it."
         )
-    if getattr(layer, "quantization_mode", None):
+    if getattr(layer, "quantization_mode", None) and not restoring:
         raise ValueError(
             f"Layer '{layer.name}' is quantized ({layer.quantization_mode!r}): prune the "
             "float model, then quantize it."
@@ -376,19 +380,11 @@ class SparseOwnerMixin:
                 continue  # converted already
             cls = sparse_class_for(type(target))
             unit_axes = entry.get("unit_axes")
-            if cls is not None and getattr(target, "quantization_mode", None):
-                # Rebuilt quantized from the owner's config (keras-hub's per-layer dtype
-                # policies): the layer would need its masks restored around the quantized
-                # kernel, in the order the file holds them, which is not done yet.
-                raise NotImplementedError(
-                    f"'{self.name}' was pruned in place, then quantized "
-                    f"({target.quantization_mode!r}) before saving: keras-sparse cannot load "
-                    "such a file yet. Save the float model, or quantize "
-                    "`keras_sparse.strip(model)` (stock layers holding the pruned weights) "
-                    "and save that."
-                )
             if cls is not None and target.built:
-                convert_layer(target, entry["sparse"], unit_axes)
+                # A layer the owner's config rebuilds quantized (keras-hub's per-layer dtype
+                # policies) was pruned, then quantized: its masks come back beside the
+                # quantized kernel, and the file's values are loaded into both.
+                convert_layer(target, entry["sparse"], unit_axes, restoring=True)
             elif cls is not None:
                 # Built later, on its first call: a fresh sparse layer in its place.
                 config = {**target.get_config(), **entry["sparse"]}

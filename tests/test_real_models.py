@@ -401,10 +401,12 @@ def test_shrink_keeps_a_layer_without_a_config(rng):
         )
 
 
-def test_a_keras_hub_model_pruned_then_quantized_says_it_cannot_be_reloaded(tmp_path):
-    # keras-hub rebuilds its layers quantized from its config, and the in-place
-    # conversion then refused them with "prune the float model, then quantize it",
-    # which is what the user had done. The error now says what does work.
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_a_keras_hub_model_pruned_then_quantized_reloads_with_its_masks(tmp_path, inplace):
+    # keras-hub rebuilds its layers quantized from its config (per-layer dtype policies);
+    # the conversion the file replays refused them ("prune the float model, then quantize
+    # it", which the user had done), then raised NotImplementedError. The masks now come
+    # back beside the quantized kernels, frozen, with the file's values.
     hub = require("keras_hub")
     model = hub.models.BartBackbone(
         vocabulary_size=30,
@@ -415,14 +417,38 @@ def test_a_keras_hub_model_pruned_then_quantized_says_it_cannot_be_reloaded(tmp_
         max_sequence_length=8,
         dropout=0.0,
     )
+    rng = np.random.default_rng(0)
+    x = {
+        "encoder_token_ids": rng.integers(1, 30, (2, 5)).astype("int32"),
+        "encoder_padding_mask": np.ones((2, 5), "int32"),
+        "decoder_token_ids": rng.integers(1, 30, (2, 4)).astype("int32"),
+        "decoder_padding_mask": np.ones((2, 4), "int32"),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the layers Keras does not quantize
-        sparse = ks.sparsify(model)
+        sparse = ks.sparsify(model, inplace=inplace)
+        for layer in ks.sparse_layers(sparse):  # each kernel to about half its weights
+            for mask in layer.masks.values():
+                median = np.median(np.abs(to_numpy(mask.kernel)))
+                mask.threshold.assign(np.full(mask.threshold.shape, median, "float32"))
+            layer.hard_prune()
         sparse.quantize("int8")
+    quantized = [layer for layer in ks.sparse_layers(sparse) if layer.quantization_mode]
+    assert quantized, "nothing was quantized: the test would not test the reload"
     path = os.path.join(tmp_path, "pruned_int8.keras")
     sparse.save(path)
-    with pytest.raises(NotImplementedError, match=r"quantize `keras_sparse.strip\(model\)`"):
-        keras.saving.load_model(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(outputs(reloaded, x), outputs(sparse, x))
+    before = {layer.path: layer for layer in ks.sparse_layers(sparse)}
+    assert sorted(layer.path for layer in ks.sparse_layers(reloaded)) == sorted(before)
+    for layer in ks.sparse_layers(reloaded):
+        saved = before[layer.path]
+        assert layer.quantization_mode == saved.quantization_mode, layer.path
+        for name, mask in layer.masks.items():
+            kept = to_numpy(saved.masks[name].prune_mask)
+            np.testing.assert_array_equal(to_numpy(mask.prune_mask), kept)
+            assert 0.3 < kept.mean() < 0.7, (layer.path, name)
+            assert mask.frozen and saved.masks[name].frozen, (layer.path, name)
 
 
 def test_select_takes_classes_regexes_and_predicates():
