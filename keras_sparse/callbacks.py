@@ -399,20 +399,28 @@ class SparsityScheduler(keras.callbacks.Callback):
         if not self._use_checked:
             self._leave_out_masks_not_trained()
         self._count_steps()
-        if self._masks and self._ramp_ended():
-            # A ramp that ends with the epoch: the batch that would freeze it may never
-            # begin (the fit's last step), and the epoch's logs should say what it holds.
+        if logs is not None:
+            with _host_reads():
+                self._check_finite(logs)  # before any freeze from a non-finite model
+        last = self.params and epoch + 1 >= (self.params.get("epochs") or 0)
+        if last and self._masks and self._ramp_ended():
+            # A ramp that ends with the fit: the batch that would freeze it never begins.
+            # Frozen here, the last epoch's logs hold the model fit returns (its
+            # validation ran before, on the soft mask).
             with _host_reads():
                 self._freeze(self._steps(self.step))
         if logs is None:
             return
         with _host_reads():
-            self._check_finite(logs)
             logs.update(self.statistics())
 
     def on_train_end(self, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
         self._count_steps()
+        if self._masks and self._ramp_ended():
+            # Stopped by another callback at the ramp's end, or a fit without epochs' end.
+            with _host_reads():
+                self._freeze(self._steps(self.step))
         for mask in self._masks or ():
             mask.driver = None
         if self.frozen:

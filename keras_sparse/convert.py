@@ -219,8 +219,8 @@ def convert_layer(layer, options=None, unit_axes=None, restoring=False):
             (`HEADS_AXES`: an attention output projection's heads).
         restoring: Whether a load is restoring a layer that was pruned
             before it was quantized: a quantized layer is then taken (its
-            masks are set from the file, frozen), where pruning one is
-            refused.
+            masks start frozen; a load then sets them from the file), where
+            pruning one is refused.
     """
     cls = sparse_class_for(type(layer))
     if cls is None:

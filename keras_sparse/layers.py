@@ -279,6 +279,18 @@ class SparseKernelMixin:
         finally:
             if was_locked:
                 self._tracker.lock()
+        if self.quantization_mode:  # built quantized (from a config, a load's conversion)
+            self._fix_masks_of_quantized_kernels()
+
+    def _fix_masks_of_quantized_kernels(self):
+        """Freeze every mask for good, in its state too (which a later SparsityScheduler
+        reads): a quantized kernel holds the pruned weights' zeros, and is not trained."""
+        frozen = STATE_FIELDS.index("frozen")
+        for mask in self._kernel_masks.values():
+            state = np.array(ops.convert_to_numpy(mask.sparsity_state), "float32")
+            state[frozen] = 1.0
+            mask.sparsity_state.assign(state)
+            mask.frozen = True
 
     def _held_kernels(self):
         """`masked_kernels`, less those this layer does not hold (see `MaskedKernel.present`)."""
@@ -371,8 +383,7 @@ class SparseKernelMixin:
         if fresh:
             self._start_fresh_masks_beside(masks, fresh)
         if self.quantization_mode:
-            for mask in masks:
-                mask.frozen = True
+            self._fix_masks_of_quantized_kernels()
 
     def _start_fresh_masks_beside(self, loaded, fresh):
         """Masks the file did not hold start keeping every weight, in step with the
@@ -441,8 +452,7 @@ class SparseKernelMixin:
         finally:
             if was_locked:
                 self._tracker.lock()
-        for mask in self._kernel_masks.values():
-            mask.frozen = True
+        self._fix_masks_of_quantized_kernels()
 
     # ----------------------------------------------------------- config
 

@@ -509,8 +509,8 @@ class ShrinkResult:
         flops = (
             f"FLOPs per example {self.flops_before} -> {self.flops_after}"
             if self.flops_before is not None
-            else "FLOPs not counted (no Dense, convolution or attention layer at the "
-            "model's top level)"
+            else "FLOPs not counted (shrink counts those of the layers it resizes at the "
+            "model's top level, and there are none)"
         )
         lines.append(f"params {self.params_before} -> {self.params_after}, {flops}")
         return "\n".join(lines)

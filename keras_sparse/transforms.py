@@ -196,8 +196,9 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     found = walk(target)
     parents = {id(layer): parent for layer, parent in found}
     layers = [layer for layer, _ in found]
-    # Counted before conversion (the masks' variables are not the model's), over what
-    # `sparsity_report` counts, so that the warning's shares and the report's agree.
+    # Counted before conversion (the masks' variables are not the model's), over the
+    # weight matrices, as `sparsity_report` counts them (it leaves out the integer kernels
+    # of quantized layers and a converted layer's LoRA factors, which this counts).
     total = sum(math.prod(v.shape) for layer in layers for v in weight_matrices(layer))
     holders = [layer for layer in layers if weight_matrices(layer)]
     selected = [layer for layer in holders if predicate(layer)]

@@ -313,6 +313,21 @@ def test_a_ramp_ending_at_the_last_step_freezes_at_the_target(schedule):
     assert history.history["sparsity"][-1] == pytest.approx(1 - kept / size)
 
 
+def test_a_fit_stopped_by_another_callback_at_the_ramps_end_ends_frozen():
+    class StopAfterTwoEpochs(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = epoch == 1
+
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.6, end_step=2 * STEPS_PER_EPOCH))
+    x, y = data()
+    m.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[scheduler, StopAfterTwoEpochs()])
+    assert scheduler.step == 2 * STEPS_PER_EPOCH and scheduler.frozen
+    kernels = [to_numpy(layer.kernel) for layer in ks.strip(m).layers]
+    kept, size = sum(np.count_nonzero(k) for k in kernels), sum(k.size for k in kernels)
+    assert kept == round(0.4 * size)
+
+
 def test_a_schedule_in_epochs_outside_fit_says_what_it_needs():
     with pytest.raises(ValueError, match="in epochs"):
         ks.PolynomialDecay(0.5, end_epoch=3)(10)
@@ -399,17 +414,16 @@ def test_thresholds_stay_at_zero_after_the_freeze_whatever_the_optimizer_gathere
     # The freeze zeroes the thresholds, and a frozen mask gives them a zero gradient;
     # Adam's moments from before the freeze would still move them, and the logs
     # (`threshold_mean/...`) would show thresholds that no longer mean anything.
-    # The freeze comes at the end of the fourth epoch, the ramp's end: the logs of the
-    # fifth and sixth are taken after steps of fine-tuning (the end of `fit` zeroes the
-    # thresholds again).
+    # The freeze comes at the start of the fifth epoch: the logs of the fifth and sixth
+    # are taken during fine-tuning (the end of `fit` zeroes the thresholds again).
     m = compiled(model())
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.7, end_step=4 * STEPS_PER_EPOCH))
     history = fit(m, scheduler, epochs=6)
     assert scheduler.frozen
     for layer in ks.sparse_layers(m):
         means = history.history[f"threshold_mean/{layer.name}"]
-        assert means[2] > 0.0, layer.name  # before the freeze
-        assert means[3:] == [0.0, 0.0, 0.0], layer.name
+        assert means[3] > 0.0, layer.name  # before the freeze
+        assert means[4:] == [0.0, 0.0], layer.name
 
 
 def test_a_layer_called_twice_per_step_is_driven_and_penalised_once():
