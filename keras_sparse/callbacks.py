@@ -553,6 +553,9 @@ class SparsityScheduler(keras.callbacks.Callback):
         group = self._group_of(mask)
         members = group if group[0] is mask else []
         if self._eager_steps:
+            pending = mask.__dict__.pop("_pending_penalty", None)
+            if pending is not None:  # see the end of this method
+                mask.sparsity_penalty.assign(pending)
             # The step runs as Python: the host knows the step number, so a
             # step without an update costs nothing (the step count is
             # written to the masks at the epoch's end).
@@ -583,7 +586,14 @@ class SparsityScheduler(keras.callbacks.Callback):
         mask._temperature.assign(temperature)
         mask.sparsity_state.assign(state)
         for member, penalty in zip(members, penalties):
-            member.sparsity_penalty.assign(penalty)
+            if self._eager_steps and member is not mask:
+                # Each member writes its own, at its next forward pass: one that ran
+                # before this mask in this step (a model whose call order is not its
+                # layer order: keras-hub's CLIP) holds its penalty for the backward,
+                # and eager PyTorch refuses a tensor written in place after use.
+                member.__dict__["_pending_penalty"] = penalty
+            else:
+                member.sparsity_penalty.assign(penalty)
 
     def _count_only(self, mask, members):
         """`_update`'s values on a step that is not due: the same, one step further."""

@@ -328,6 +328,32 @@ def test_a_fit_stopped_by_another_callback_at_the_ramps_end_ends_frozen():
     assert kept == round(0.4 * size)
 
 
+class CalledInAnotherOrder(keras.Model):
+    """`first` is the first mask in layer order (the group's leader, which writes every
+    member's penalty) but the second the forward pass calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = ks.SparseLinear(2, name="first")
+        self.second = ks.SparseLinear(8, activation="relu", name="second")
+
+    def call(self, x, training=None):
+        return self.first(self.second(x, training=training), training=training)
+
+
+def test_masks_called_out_of_their_layer_order_are_driven():
+    # In eager PyTorch the leader wrote the penalty of `second`, which the forward pass
+    # had already used, in place: the backward refused it ("modified by an inplace
+    # operation"), as keras-hub's CLIP did on the first step.
+    m = compiled(CalledInAnotherOrder())
+    m(data()[0][:2])
+    assert [mask.layer.name for mask in ks.kernel_masks(m)] == ["first", "second"]
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.6, end_step=2 * STEPS_PER_EPOCH))
+    fit(m, scheduler, epochs=3)
+    assert scheduler.frozen
+    assert total_active(m) == round(0.4 * total_size(m))
+
+
 def test_a_schedule_in_epochs_outside_fit_says_what_it_needs():
     with pytest.raises(ValueError, match="in epochs"):
         ks.PolynomialDecay(0.5, end_epoch=3)(10)
