@@ -2,7 +2,7 @@
 
 from keras_sparse.callbacks import SparsityScheduler
 from keras_sparse.distribution import get_layout_map, validate_layout_map
-from keras_sparse.export import size_report
+from keras_sparse.export import export_model, size_report
 from keras_sparse.granularity import is_n_m_sparse
 from keras_sparse.layers import (
     SparseConv1D,
@@ -59,6 +59,7 @@ __all__ = [
     "SparseSeparableConv2D",
     "SparsitySchedule",
     "SparsityScheduler",
+    "export_model",
     "get_layout_map",
     "is_n_m_sparse",
     "kernel_masks",
