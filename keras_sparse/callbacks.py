@@ -327,11 +327,14 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._batches_begun = int(batch) + self._steps_per_call
         if self._ramp_ended():
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
-            with _host_reads():
-                self._freeze(self._steps(self.step))
+            self._freeze_at_ramp_end()
 
     def _ramp_ended(self):
         return not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0
+
+    def _freeze_at_ramp_end(self):
+        with _host_reads():
+            self._freeze(self._steps(self.step))
 
     def _leave_out_masks_not_trained(self):
         """After the first training step: leave out the masks it did not call, and say so.
@@ -407,8 +410,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             # A ramp that ends with the fit: the batch that would freeze it never begins.
             # Frozen here, the last epoch's logs hold the model fit returns (its
             # validation ran before, on the soft mask).
-            with _host_reads():
-                self._freeze(self._steps(self.step))
+            self._freeze_at_ramp_end()
         if logs is None:
             return
         with _host_reads():
@@ -419,8 +421,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._count_steps()
         if self._masks and self._ramp_ended():
             # Stopped by another callback at the ramp's end, or a fit without epochs' end.
-            with _host_reads():
-                self._freeze(self._steps(self.step))
+            self._freeze_at_ramp_end()
         for mask in self._masks or ():
             mask.driver = None
         if self.frozen:

@@ -864,7 +864,7 @@ def shrink(model):
         new.set_weights(weights)
 
     new_layers = {layer.name: layer for layer in new_model.layers}
-    rows, flops_before, flops_after, counted = [], 0, 0, False
+    rows, flops_before, flops_after = [], 0, 0
     for layer, node in kernel_layers:
         keep_in, keep_out = keeps(node)
         out = channels.tensors[id(node.output_tensors[0])]
@@ -889,7 +889,6 @@ def shrink(model):
         )
         flops_before += _flops(layer)
         flops_after += _flops(new)
-        counted = True
     for layer in stripped.layers:
         if id(layer) in heads:
             keep_heads, reason = heads[id(layer)]
@@ -908,7 +907,6 @@ def shrink(model):
             )
             flops_before += _attention_flops(layer)
             flops_after += _attention_flops(new_layers[layer.name])
-            counted = True
     handled = {id(layer) for layer, _ in kernel_layers} | set(heads)
     for layer in stripped.layers:
         if id(layer) in handled or not isinstance(layer, _REPORTED) or not layer.built:
@@ -935,6 +933,6 @@ def shrink(model):
         layers=tuple(rows),
         params_before=int(stripped.count_params()),
         params_after=int(new_model.count_params()),
-        flops_before=flops_before if counted else None,
-        flops_after=flops_after if counted else None,
+        flops_before=flops_before if kernel_layers or heads else None,
+        flops_after=flops_after if kernel_layers or heads else None,
     )

@@ -50,6 +50,12 @@ def total_size(m):
     return sum(mask.size for mask in ks.kernel_masks(m))
 
 
+def stripped_kept_and_size(m):
+    """Nonzero and all values of the stripped model's kernels, counted in NumPy."""
+    kernels = [to_numpy(layer.kernel) for layer in ks.strip(m).layers]
+    return sum(np.count_nonzero(k) for k in kernels), sum(k.size for k in kernels)
+
+
 def fit(m, scheduler, epochs, initial_epoch=0, **kwargs):
     x, y = data()
     return m.fit(
@@ -307,8 +313,7 @@ def test_a_ramp_ending_at_the_last_step_freezes_at_the_target(schedule):
     scheduler = ks.SparsityScheduler(schedule)
     history = fit(m, scheduler, epochs=3)
     assert scheduler.frozen
-    kernels = [to_numpy(layer.kernel) for layer in ks.strip(m).layers]
-    kept, size = sum(np.count_nonzero(k) for k in kernels), sum(k.size for k in kernels)
+    kept, size = stripped_kept_and_size(m)
     assert kept == round(0.4 * size)
     assert history.history["sparsity"][-1] == pytest.approx(1 - kept / size)
 
@@ -323,8 +328,7 @@ def test_a_fit_stopped_by_another_callback_at_the_ramps_end_ends_frozen():
     x, y = data()
     m.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[scheduler, StopAfterTwoEpochs()])
     assert scheduler.step == 2 * STEPS_PER_EPOCH and scheduler.frozen
-    kernels = [to_numpy(layer.kernel) for layer in ks.strip(m).layers]
-    kept, size = sum(np.count_nonzero(k) for k in kernels), sum(k.size for k in kernels)
+    kept, size = stripped_kept_and_size(m)
     assert kept == round(0.4 * size)
 
 

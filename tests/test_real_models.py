@@ -370,6 +370,16 @@ def test_shrink_keeps_a_layer_that_does_not_rebuild_from_its_config(rng):
     np.testing.assert_allclose(outputs(result.model, x), outputs(sparse, x), rtol=1e-5, atol=1e-5)
 
 
+def _encoder_decoder_tokens(rng):
+    """Inputs of a keras-hub encoder-decoder backbone (T5, BART) of vocabulary 30."""
+    return {
+        "encoder_token_ids": rng.integers(1, 30, (2, 5)).astype("int32"),
+        "encoder_padding_mask": np.ones((2, 5), "int32"),
+        "decoder_token_ids": rng.integers(1, 30, (2, 4)).astype("int32"),
+        "decoder_padding_mask": np.ones((2, 4), "int32"),
+    }
+
+
 def test_shrink_keeps_a_layer_without_a_config(rng):
     # keras-hub's T5TransformerLayer has no get_config (Keras's raises
     # NotImplementedError): shrink crashed with it. It keeps such a layer as it is.
@@ -383,12 +393,7 @@ def test_shrink_keeps_a_layer_without_a_config(rng):
         key_value_dim=4,
         dropout=0.0,
     )
-    x = {
-        "encoder_token_ids": rng.integers(1, 30, (2, 5)).astype("int32"),
-        "encoder_padding_mask": np.ones((2, 5), "int32"),
-        "decoder_token_ids": rng.integers(1, 30, (2, 4)).astype("int32"),
-        "decoder_padding_mask": np.ones((2, 4), "int32"),
-    }
+    x = _encoder_decoder_tokens(rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # T5's attention layers drop Keras masks, and say so
         sparse = ks.sparsify(model)
@@ -418,12 +423,7 @@ def test_a_keras_hub_model_pruned_then_quantized_reloads_with_its_masks(tmp_path
         dropout=0.0,
     )
     rng = np.random.default_rng(0)
-    x = {
-        "encoder_token_ids": rng.integers(1, 30, (2, 5)).astype("int32"),
-        "encoder_padding_mask": np.ones((2, 5), "int32"),
-        "decoder_token_ids": rng.integers(1, 30, (2, 4)).astype("int32"),
-        "decoder_padding_mask": np.ones((2, 4), "int32"),
-    }
+    x = _encoder_decoder_tokens(rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the layers Keras does not quantize
         sparse = ks.sparsify(model, inplace=inplace)
