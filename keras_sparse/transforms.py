@@ -542,16 +542,12 @@ def sparsity_report(model):
     everything = [layer for layer, _ in walk(model)]
     if isinstance(model, keras.Model) is False:
         everything = [model] + everything
-    holders = [layer for layer in everything if _trainable_matrices(layer)]
+    # Quantized kernels (int8) are matrices left dense too, as sparsify's warning counts them.
+    holders = [layer for layer in everything if unpruned_matrices(layer)]
     dense = tuple(
         DenseLayer(
-            name, type(layer).__name__, sum(math.prod(v.shape) for v in _trainable_matrices(layer))
+            name, type(layer).__name__, sum(math.prod(v.shape) for v in unpruned_matrices(layer))
         )
         for layer, name in zip(holders, display_names(model, holders))
     )
     return SparsityReport(tuple(rows), total, dense)
-
-
-def _trainable_matrices(layer):
-    """`layer`'s float weight matrices that no mask prunes."""
-    return [v for v in unpruned_matrices(layer) if keras.backend.is_float_dtype(v.dtype)]

@@ -86,20 +86,20 @@ def weight_matrices(layer):
 def unpruned_matrices(layer):
     """`layer`'s weight matrices that no mask prunes: all of a stock layer's, and those a
     sparse layer holds beside its masked kernels (keras-hub's untied `reverse_embeddings`)."""
-    matrices = weight_matrices(layer)
+    matrices = [v for v in weight_matrices(layer) if not _of_a_keras_mode(v)]
     masks = getattr(layer, "_kernel_masks", None)
     if not masks:
         return matrices
     pruned = {id(v) for mask in masks.values() for v in (mask.kernel, *mask.variables)}
-    return [v for v in matrices if id(v) not in pruned and not _of_a_keras_mode(v)]
+    return [v for v in matrices if id(v) not in pruned]
 
 
 def _of_a_keras_mode(variable):
     """Whether `variable` belongs to one of Keras's modes of a kernel rather than being a
     weight of its own: `enable_lora()`'s low-rank factors (an update to the kernel) and a
-    quantized kernel's scales."""
+    quantized kernel's scales and zero points."""
     name = variable.name.split("/")[-1]
-    return name.startswith("lora_") or name.endswith("_scale")
+    return name.startswith("lora_") or name.endswith(("_scale", "_zero"))
 
 
 def display_names(model, layers):

@@ -204,3 +204,19 @@ def test_the_other_quantizable_types_keep_their_zeros_and_serve_as_keras(make, x
     np.testing.assert_allclose(
         to_numpy(reloaded.predict(x, verbose=0)), expected, rtol=1e-5, atol=1e-5
     )
+
+
+def test_the_report_lists_a_quantized_layer_left_dense(rng):
+    # An int8 kernel no mask prunes is still a matrix left dense: the report's coverage
+    # counts it, as sparsify's warning does.
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            ks.SparseLinear(6, activation="relu", name="hidden"),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
+    quantize(model, "int8")
+    report = ks.sparsity_report(model)
+    assert [(d.name, d.params) for d in report.dense] == [("logits", 6 * 3)]
+    assert report.coverage == pytest.approx(8 * 6 / (8 * 6 + 6 * 3))
