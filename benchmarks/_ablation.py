@@ -91,7 +91,83 @@ def add_recipe_shape_arguments(parser):
     parser.add_argument(
         "--gain", type=float, default=None, help="the driver's gain (default: SparsityScheduler's)"
     )
+    parser.add_argument(
+        "--threshold-start",
+        type=float,
+        default=None,
+        help="start each threshold at this many standard deviations of its layer's initial "
+        "kernel, with no constraint (below zero the soft mask starts near 1 for every weight; "
+        "default: zero, and thresholds kept non-negative)",
+    )
+    parser.add_argument(
+        "--threshold-lr",
+        type=float,
+        default=None,
+        help="each threshold's learning rate as this many standard deviations of its "
+        "layer's initial kernel per unit of Adam's step (scale-free thresholds; default: "
+        "the model's learning rate, the same absolute step in every layer)",
+    )
     return parser
+
+
+def adam(args, model, learning_rate=1e-3):
+    """Adam at `learning_rate`, with each threshold's rate set by `--threshold-lr` where it
+    is given (TensorFlow and JAX: PyTorch's Adam updates its variables elsewhere)."""
+    import keras
+
+    threshold_lr = getattr(args, "threshold_lr", None)
+    if threshold_lr is None:
+        return keras.optimizers.Adam(learning_rate)
+    if keras.backend.backend() == "torch":
+        raise SystemExit("--threshold-lr: TensorFlow and JAX only")
+    import numpy as np
+
+    import keras_sparse as ks
+
+    scales = {}
+    for layer in ks.sparse_layers(model):
+        std = float(np.std(keras.ops.convert_to_numpy(layer.kernel)))
+        for mask in layer._kernel_masks.values():
+            # JAX passes the Keras variable to `update_step`, TensorFlow its tf.Variable.
+            variables = [mask.threshold]
+            if keras.backend.backend() == "tensorflow":
+                variables.append(mask.threshold.value)
+            for variable in variables:
+                scales[id(variable)] = threshold_lr * std / learning_rate
+
+    class ThresholdScaledAdam(keras.optimizers.Adam):
+        def update_step(self, gradient, variable, learning_rate):
+            scale = scales.get(id(variable))
+            if scale is not None:
+                learning_rate = learning_rate * scale
+            super().update_step(gradient, variable, learning_rate)
+
+    return ThresholdScaledAdam(learning_rate)
+
+
+def mask_options(args):
+    """The sparse layers' options that `add_recipe_shape_arguments` sets."""
+    options = {"straight_through": args.straight_through, "structured": not args.per_weight}
+    if args.threshold_start is not None:
+        options["threshold_constraint"] = None
+    return options
+
+
+def start_thresholds(model, args):
+    """Each sparse layer's thresholds at `--threshold-start` standard deviations of its
+    kernel (after any `--init-from`), where the flag is given."""
+    if args.threshold_start is None:
+        return
+    import keras
+    import numpy as np
+
+    import keras_sparse as ks
+
+    for layer in ks.sparse_layers(model):
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        value = args.threshold_start * float(np.std(kernel))
+        for mask in layer._kernel_masks.values():
+            mask.threshold.assign(np.full(mask.threshold.shape, value, "float32"))
 
 
 def held_out(data, validation, fold=0):

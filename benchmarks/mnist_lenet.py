@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from _ablation import (
+    adam,
     add_ablation_arguments,
     add_data_argument,
     add_initial_weights_arguments,
@@ -45,8 +46,10 @@ from _ablation import (
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
+    mask_options,
     recorded_config,
     save_initial_weights,
+    start_thresholds,
     temperature_schedule,
 )
 
@@ -124,11 +127,11 @@ def neuron_layer(units, name, **kwargs):
     return ks.SparseLinear(units, granularity="neuron", name=name, **kwargs)
 
 
-def compile_model(model):
+def compile_model(model, args=None):
     import keras
 
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=adam(args, model),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -164,16 +167,11 @@ def run_one(method, target, seed, args, data):
         model.fit(x_train, y_train, epochs=args.epochs, **fit)
         final = model
     elif method == "sparse_linear":
-        model = lenet(
-            functools.partial(
-                ks.SparseLinear,
-                structured=not args.per_weight,
-                straight_through=args.straight_through,
-            )
-        )
+        model = lenet(functools.partial(ks.SparseLinear, **mask_options(args)))
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
-        compile_model(model)
+        start_thresholds(model, args)
+        compile_model(model, args)
         end_step = int(args.end_fraction * total_steps)
         schedule = ks.PolynomialDecay(
             target,

@@ -36,13 +36,16 @@ import time
 from pathlib import Path
 
 from _ablation import (
+    adam,
     add_ablation_arguments,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
+    mask_options,
     save_initial_weights,
+    start_thresholds,
     temperature_schedule,
 )
 
@@ -104,6 +107,8 @@ def recipe(args):
         "power": args.power,
         "begin_fraction": args.begin_fraction,
         "gain": args.gain,
+        "threshold_start": args.threshold_start,
+        "threshold_lr": args.threshold_lr,
         "init_from": args.init_from,
         "validation": args.validation,
         "fold": args.fold,
@@ -151,9 +156,9 @@ def model_params(keras):
     return lenet5(keras.layers.Conv2D, keras.layers.Dense, keras).count_params()
 
 
-def compile_model(model, keras):
+def compile_model(model, keras, args=None):
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=adam(args, model),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -177,7 +182,7 @@ def run_one(method, target, seed, args, data):
         final = model
         evaluated = None
     elif method == "sparse":
-        options = {"straight_through": args.straight_through, "structured": not args.per_weight}
+        options = mask_options(args)
         model = lenet5(
             functools.partial(ks.SparseConv2D, **options),
             functools.partial(ks.SparseLinear, **options),
@@ -185,7 +190,8 @@ def run_one(method, target, seed, args, data):
         )
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
-        compile_model(model, keras)
+        start_thresholds(model, args)
+        compile_model(model, keras, args)
         end = int(args.end_fraction * steps)
         begin = int(args.begin_fraction * steps)
         schedule = ks.PolynomialDecay(target, begin_step=begin, end_step=end, power=args.power)
