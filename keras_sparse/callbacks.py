@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_sparse.host import to_numpy
 from keras_sparse.mask import STATE_FIELDS
 from keras_sparse.programs import Program
 from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, SparsitySchedule
@@ -369,7 +370,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._programs = {}
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
         with _host_reads():
-            self.step = int(ops.convert_to_numpy(self._masks[0].sparsity_state)[_STEP])
+            self.step = int(to_numpy(self._masks[0].sparsity_state)[_STEP])
         self._retrace()
         warnings.warn(
             f"SparsityScheduler: the training step does not call the masks of {unused}. "
@@ -390,12 +391,12 @@ class SparsityScheduler(keras.callbacks.Callback):
             self.step = self._epoch_start + self._batches_begun
             with _host_reads():
                 for mask in self._masks:
-                    state = np.array(ops.convert_to_numpy(mask.sparsity_state))
+                    state = np.array(to_numpy(mask.sparsity_state))
                     state[_STEP] = self.step
                     mask.sparsity_state.assign(state)
         else:
             with _host_reads():
-                self.step = int(ops.convert_to_numpy(self._masks[0].sparsity_state)[_STEP])
+                self.step = int(to_numpy(self._masks[0].sparsity_state)[_STEP])
 
     def on_epoch_end(self, epoch, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
@@ -462,7 +463,7 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     def _start(self):
         """Resume from (or reset) the masks' state; set what a fresh start needs."""
-        states = [ops.convert_to_numpy(mask.sparsity_state) for mask in self._masks]
+        states = [to_numpy(mask.sparsity_state) for mask in self._masks]
         if not self.resume:
             states = [np.zeros(len(STATE_FIELDS), "float32") for _ in self._masks]
             for mask in self._masks:
@@ -508,7 +509,7 @@ class SparsityScheduler(keras.callbacks.Callback):
     def _measure(self, name, function, *args):
         """`function(*args)`'s tensors, compiled as one program, read to the host (NumPy)."""
         values = self._program(name, function)(*args)
-        return keras.tree.map_structure(ops.convert_to_numpy, values)
+        return keras.tree.map_structure(to_numpy, values)
 
     def _hard_prune_all(self):
         self._program("hard_prune", lambda: [m.assign_hard_pruned() for m in self._masks])()
@@ -690,9 +691,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         kept_after = 1.0 - self.statistics()["sparsity"]
         if kept_before <= _ONE_SHOT_CUT * kept_after:
             return
-        strength = math.exp(
-            float(ops.convert_to_numpy(self._masks[0].sparsity_state)[_LOG_PENALTY])
-        )
+        strength = math.exp(float(to_numpy(self._masks[0].sparsity_state)[_LOG_PENALTY]))
         per_weight = [
             name
             for name, mask in zip(self._names, self._masks)

@@ -56,8 +56,8 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_sparse.host import to_numpy
 from keras_sparse.transforms import _strip
 from keras_sparse.walk import walk, weight_matrices
 
@@ -367,7 +367,7 @@ _LISTED = 5
 
 
 def _measure(model, label, scratch):
-    arrays = [np.asarray(ops.convert_to_numpy(v)) for v in model.weights]
+    arrays = [to_numpy(v) for v in model.weights]
     kernel_bytes = sum(
         a.nbytes
         for v, a in zip(model.weights, arrays, strict=True)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
+from keras_sparse.host import to_numpy
+
 GRANULARITIES = ("weight", "neuron", "n:m")
 DEFAULT_N_M = (2, 4)
 
@@ -144,7 +146,7 @@ def is_n_m_sparse(kernel, n=2, m=4, axis=0):
     True
     """
     n, m = check_n_m((n, m))
-    values = np.asarray(ops.convert_to_numpy(kernel))
+    values = to_numpy(kernel)
     if values.ndim < 1 or not -values.ndim <= axis < values.ndim:
         raise ValueError(
             f"Received an invalid value for `axis`: {axis!r} is not an axis of a kernel "

@@ -31,8 +31,8 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
+from keras_sparse.host import to_numpy
 from keras_sparse.mask import DEFAULT_RELATIVE_TEMPERATURE, STATE_FIELDS, KernelMask, MaskOptions
 
 __all__ = [
@@ -287,7 +287,7 @@ class SparseKernelMixin:
         reads): a quantized kernel holds the pruned weights' zeros, and is not trained."""
         frozen = STATE_FIELDS.index("frozen")
         for mask in self._kernel_masks.values():
-            state = np.array(ops.convert_to_numpy(mask.sparsity_state), "float32")
+            state = np.array(to_numpy(mask.sparsity_state), "float32")
             state[frozen] = 1.0
             mask.sparsity_state.assign(state)
             mask.frozen = True
@@ -379,7 +379,7 @@ class SparseKernelMixin:
             variable.assign(store[f"{i}"])
         for mask in masks:
             mask._plain_inference = False
-            mask.frozen = bool(ops.convert_to_numpy(mask.state("frozen")) > 0)
+            mask.frozen = bool(to_numpy(mask.state("frozen")) > 0)
         if fresh:
             self._start_fresh_masks_beside(masks, fresh)
         if self.quantization_mode:
@@ -389,7 +389,7 @@ class SparseKernelMixin:
         """Masks the file did not hold start keeping every weight, in step with the
         layer's loaded masks (their driver's step and strength; frozen if they are, so
         that further training leaves the kernel dense as the file had it), and say so."""
-        like = np.array(ops.convert_to_numpy(loaded[0].sparsity_state)) if loaded else None
+        like = np.array(to_numpy(loaded[0].sparsity_state)) if loaded else None
         for mask in fresh.values():
             if like is not None:
                 state = like.copy()
@@ -1076,7 +1076,7 @@ class SparseMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"Layer '{self.name}' prunes weights, not heads: alive_heads() needs "
                 f"granularity='head'. Received: granularity={self._sparse_options.granularity!r}"
             )
-        kernel = keras.ops.convert_to_numpy(self._output_dense.effective_weight())
+        kernel = to_numpy(self._output_dense.effective_weight())
         return int(np.count_nonzero(np.any(kernel.reshape(kernel.shape[0], -1) != 0, axis=1)))
 
     def get_config(self):

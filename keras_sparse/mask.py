@@ -41,6 +41,7 @@ from keras_sparse.granularity import (
     n_m_keep,
     neuron_scores,
 )
+from keras_sparse.host import to_numpy
 from keras_sparse.programs import Program
 
 # The mask's transition band is about 4 / temperature wide in weight units.
@@ -478,7 +479,7 @@ def _initializer_std(initializer, shape):
         fan = {"fan_in": fan_in, "fan_out": fan_out}.get(initializer.mode, (fan_in + fan_out) / 2)
         return math.sqrt(initializer.scale / max(1.0, fan))
     sample = initializer(shape=tuple(shape), dtype="float32")
-    return float(np.std(ops.convert_to_numpy(sample)))
+    return float(np.std(to_numpy(sample)))
 
 
 def _recording_gradients():
@@ -639,7 +640,7 @@ class KernelMask:
     def scale_free_temperature(self, relative_temperature, initializer=None):
         """`relative_temperature / std(kernel)`: one sharpness for every weight scale."""
         try:
-            std = float(ops.convert_to_numpy(ops.std(self.kernel.value)))
+            std = float(to_numpy(ops.std(self.kernel.value)))
         except Exception:
             # Built inside a traced function (e.g. `fit` on a model without
             # `keras.Input`): the kernel has no value yet. Use the spread its
@@ -660,7 +661,7 @@ class KernelMask:
 
     @property
     def temperature(self):
-        return float(ops.convert_to_numpy(self._temperature.value))
+        return float(to_numpy(self._temperature.value))
 
     @temperature.setter
     def temperature(self, value):
@@ -844,7 +845,7 @@ class KernelMask:
     def num_active(self):
         """Number of weights the hard mask keeps."""
         count = self._program("num_active", self.count_active)()
-        return int(ops.convert_to_numpy(count))
+        return int(to_numpy(count))
 
     def count_active(self, kernel=None):
         """`num_active()` as an int32 tensor, computed where it is called (a program, a step).
@@ -863,7 +864,7 @@ class KernelMask:
 
     def alive_units(self):
         """Number of output units with at least one active weight."""
-        return int(ops.convert_to_numpy(self._program("alive_units", self._count_units)()))
+        return int(to_numpy(self._program("alive_units", self._count_units)()))
 
     def _count_units(self):
         keep = self.keep(self.kernel.value)

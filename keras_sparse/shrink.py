@@ -18,12 +18,9 @@ import keras
 import numpy as np
 from keras.src.ops.numpy import Add as _SymbolicAdd  # `x + y` on Keras tensors
 
+from keras_sparse.host import to_numpy
 from keras_sparse.transforms import _strip
 from keras_sparse.walk import walk
-
-
-def _to_numpy(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 def _check_model(model, caller):
@@ -70,7 +67,7 @@ def _clone(model, replace):
     new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
     for old, new in cloned:
         if getattr(old, "weights", None) and getattr(new, "weights", None):
-            new.set_weights(old.get_weights())
+            new.set_weights([to_numpy(v) for v in old.weights])
     return new_model, replaced
 
 
@@ -312,7 +309,7 @@ class _ChannelGraph:
 
     def _kernel(self, op, inputs, output):
         (x,) = inputs
-        kernel = _to_numpy(op.kernel)
+        kernel = to_numpy(op.kernel)
         # Input channels the kernel does not read: all-zero rows.
         ignored = ~np.any(np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1) != 0, axis=1)
         constant_ok = x.known & ((x.value == 0) | (not _pads_with_zeros(op)))
@@ -329,7 +326,7 @@ class _ChannelGraph:
         reads = reads.any(axis=1)  # (units, inputs)
         constant = ~np.any(reads & ~constant_ok[None, :], axis=1)
         units = kernel.shape[-1]
-        bias = _to_numpy(op.bias).astype("float64") if op.use_bias else np.zeros(units)
+        bias = to_numpy(op.bias).astype("float64") if op.use_bias else np.zeros(units)
         pre = bias + np.where(constant_ok, x.value, 0.0) @ sums
         out = self.new(output, _call(op.activation, pre, 2), constant)
         if not _activation_is_elementwise(op.activation):
@@ -341,12 +338,12 @@ class _ChannelGraph:
 
     def _depthwise(self, op, inputs, output):
         (x,) = inputs
-        kernel = _to_numpy(op.kernel)  # (*taps, channels, multiplier)
+        kernel = to_numpy(op.kernel)  # (*taps, channels, multiplier)
         taps = tuple(range(kernel.ndim - 2))
         sums = kernel.astype("float64").sum(axis=taps)  # (channels, multiplier)
         dead = ~np.any(kernel != 0, axis=taps)
         multiplier = kernel.shape[-1]
-        bias = _to_numpy(op.bias).astype("float64") if op.use_bias else np.zeros(sums.size)
+        bias = to_numpy(op.bias).astype("float64") if op.use_bias else np.zeros(sums.size)
         bias = bias.reshape(sums.shape)
         constant_ok = x.known & ((x.value == 0) | (not _pads_with_zeros(op)))
         self.block(
@@ -425,7 +422,7 @@ def _call(function, values, rank):
         result = function(tensor, training=False)
     else:
         result = function(tensor)
-    return _to_numpy(result).reshape(-1).astype("float64")
+    return to_numpy(result).reshape(-1).astype("float64")
 
 
 # -------------------------------------------------------------------- result
@@ -543,10 +540,10 @@ def _units(layer):
     """`(units x weights matrix, input features)` of a layer with a kernel: each row holds
     one output unit's weights (a neuron, a filter, an output channel)."""
     if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
-        kernel = _to_numpy(layer.pointwise_kernel)
+        kernel = to_numpy(layer.pointwise_kernel)
         inputs = int(layer.depthwise_kernel.shape[-2])
         return np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1), inputs
-    kernel = _to_numpy(layer.kernel)
+    kernel = to_numpy(layer.kernel)
     if isinstance(layer, _DEPTHWISE):  # (*taps, channels, multiplier): unit c * m + j
         units = np.moveaxis(kernel.reshape(*kernel.shape[:-2], -1), -1, 0)
         return units.reshape(units.shape[0], -1), int(kernel.shape[-2])
@@ -586,7 +583,7 @@ def _why_not_followed(layer, node):
 
 def _dead_heads(layer):
     """Per head of an attention layer, whether its slice of the output kernel is all zero."""
-    kernel = _to_numpy(layer._output_dense.kernel)  # (heads, head_dim, out)
+    kernel = to_numpy(layer._output_dense.kernel)  # (heads, head_dim, out)
     return ~np.any(kernel.reshape(kernel.shape[0], -1) != 0, axis=1)
 
 
@@ -635,13 +632,13 @@ def _copy_kept_heads(old, new, keep_heads):
     """`old`'s weights into `new`, a MultiHeadAttention with only the heads `keep_heads`."""
     for name in _PROJECTIONS:  # kernels (input_dim, heads, head_dim), biases (heads, head_dim)
         source, target = getattr(old, name), getattr(new, name)
-        target.kernel.assign(_to_numpy(source.kernel)[:, keep_heads])
+        target.kernel.assign(to_numpy(source.kernel)[:, keep_heads])
         if source.bias is not None:
-            target.bias.assign(_to_numpy(source.bias)[keep_heads])
+            target.bias.assign(to_numpy(source.bias)[keep_heads])
     source, target = old._output_dense, new._output_dense  # kernel (heads, head_dim, out)
-    target.kernel.assign(_to_numpy(source.kernel)[keep_heads])
+    target.kernel.assign(to_numpy(source.kernel)[keep_heads])
     if source.bias is not None:
-        target.bias.assign(_to_numpy(source.bias))
+        target.bias.assign(to_numpy(source.bias))
 
 
 def _attention_flops(layer):
@@ -796,7 +793,7 @@ def shrink(model):
         keep_in, keep_out = keeps(node)
         if keep_in.all() and keep_out.all():
             continue
-        kernel = _to_numpy(layer.kernel).astype("float64")
+        kernel = to_numpy(layer.kernel).astype("float64")
         x = channels.tensors[id(node.input_tensors[0])]
         shift = None
         if type(layer) in _KERNELS:
@@ -849,18 +846,18 @@ def shrink(model):
             continue
         keep_in, keep_out, shift = plans[id(old)]
         if type(old) in _KERNELS:
-            kernel = _to_numpy(old.kernel)[..., keep_in, :][..., keep_out]
-            bias = _to_numpy(old.bias).astype("float64") if old.use_bias else 0.0
+            kernel = to_numpy(old.kernel)[..., keep_in, :][..., keep_out]
+            bias = to_numpy(old.bias).astype("float64") if old.use_bias else 0.0
             bias = (bias + shift)[keep_out]
             weights = [kernel] + ([bias.astype("float32")] if new.use_bias else [])
         elif type(old) in _DEPTHWISE:
-            kernel = _to_numpy(old.kernel)[..., keep_in, :]
+            kernel = to_numpy(old.kernel)[..., keep_in, :]
             weights = [kernel]
             if old.use_bias:
-                bias = _to_numpy(old.bias).reshape(-1, kernel.shape[-1])
+                bias = to_numpy(old.bias).reshape(-1, kernel.shape[-1])
                 weights.append(bias[keep_in].reshape(-1))
         else:
-            weights = [_to_numpy(w)[keep_in] for w in old.weights]
+            weights = [to_numpy(w)[keep_in] for w in old.weights]
         new.set_weights(weights)
 
     new_layers = {layer.name: layer for layer in new_model.layers}
@@ -868,7 +865,7 @@ def shrink(model):
     for layer, node in kernel_layers:
         keep_in, keep_out = keeps(node)
         out = channels.tensors[id(node.output_tensors[0])]
-        kernel = _to_numpy(layer.kernel)
+        kernel = to_numpy(layer.kernel)
         kept_dead = out.slots[out.known & keep_out]
         reason = blocked.get(channels.root(int(kept_dead[0]))) if len(kept_dead) else None
         if type(layer) in _DEPTHWISE:
