@@ -137,7 +137,11 @@ def _activation_is_elementwise(activation):
 
 
 def _describe(op):
-    return f"'{op.name}' ({type(op).__name__})"
+    if isinstance(op, keras.layers.Layer):
+        return f"'{op.name}' ({type(op).__name__})"
+    # An operation a functional model records for `x + 3` or `ops.mean(x)`: its class
+    # name alone (`Add`) would read as the layer of that name.
+    return f"'{op.name}' (the operation {type(op).__name__}, not a layer)"
 
 
 def _channels_last(op):

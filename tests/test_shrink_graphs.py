@@ -297,6 +297,19 @@ def test_an_add_that_broadcasts_keeps_its_channels_and_says_why(rng):
     _assert_same_outputs(model, result, rng.normal(size=(3, 6)).astype("float32"))
 
 
+def test_an_operation_that_keeps_dead_units_is_named_as_an_operation(rng):
+    # `h + 3` (MobileNetV3's hard sigmoid) is an operation the functional model records
+    # as `Add`: the reason must not read as the Add layer, which shrink passes through.
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(4, name="fc")(inputs)
+    model = _randomize(keras.Model(inputs, keras.layers.Dense(2, name="out")(h + 3.0)))
+    _kill(model.get_layer("fc"), [1])
+    result = shrink(model)
+    row = _rows(result)["fc"]
+    assert row.dead_kept == 1 and "(the operation Add, not a layer)" in row.reason
+    _assert_same_outputs(model, result, rng.normal(size=(3, 6)).astype("float32"))
+
+
 @pytest.mark.parametrize(
     "layer",
     [
