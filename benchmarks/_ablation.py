@@ -22,12 +22,14 @@ def add_data_argument(parser):
 def recorded_config(args, *dropped):
     """`vars(args)` without `dropped`, as a results file records it.
 
-    The MNIST folder is recorded by its name alone: it lies outside the
-    repository, and its place differs from machine to machine.
+    The MNIST folder and the initial weights' file are recorded by their names
+    alone: they lie outside the repository, and their places differ from machine
+    to machine.
     """
     config = {k: v for k, v in vars(args).items() if k not in dropped}
-    if config.get("data"):
-        config["data"] = os.path.basename(os.path.normpath(config["data"]))
+    for key in ("data", "init_from", "save_init"):
+        if config.get(key):
+            config[key] = os.path.basename(os.path.normpath(config[key]))
     return config
 
 
@@ -217,11 +219,12 @@ def add_initial_weights_arguments(parser):
 
 
 def check_initial_weights_methods(parser, args, sparse_method):
-    """`--init-from` loads into the `sparse_method` runs only: an error if others would run."""
-    others = [m for m in args.methods.split(",") if m != sparse_method]
+    """`--init-from` loads into the `sparse_method` and `dense` runs only: an error if others
+    would run."""
+    others = [m for m in args.methods.split(",") if m not in (sparse_method, "dense")]
     if args.init_from and others:
         parser.error(
-            f"--init-from applies to --methods {sparse_method} only; "
+            f"--init-from applies to --methods {sparse_method} and dense only; "
             f"received --methods {args.methods}"
         )
 
@@ -244,13 +247,15 @@ def save_initial_weights(path, seeds, build):
 
 
 def load_initial_weights(model, path, seed):
-    """The kernels and biases `save_initial_weights` wrote for `seed`, into `model`."""
+    """The kernels and biases `save_initial_weights` wrote for `seed`, into `model`'s sparse
+    layers, or into its layers with a kernel for a dense model."""
     import numpy as np
 
     import keras_sparse as ks
 
     arrays = np.load(path)
-    for layer in ks.sparse_layers(model):
+    layers = ks.sparse_layers(model) or [x for x in model.layers if hasattr(x, "kernel")]
+    for layer in layers:
         for name in ("kernel", "bias"):
             key = f"{seed}/{layer.name}/{name}"
             if key not in arrays:

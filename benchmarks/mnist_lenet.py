@@ -163,6 +163,8 @@ def run_one(method, target, seed, args, data):
     start = time.perf_counter()
     if method == "dense":
         model = lenet(keras.layers.Dense)
+        if args.init_from:
+            load_initial_weights(model, args.init_from, seed)
         compile_model(model)
         model.fit(x_train, y_train, epochs=args.epochs, **fit)
         final = model

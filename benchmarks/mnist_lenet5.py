@@ -177,6 +177,8 @@ def run_one(method, target, seed, args, data):
     start = time.perf_counter()
     if method == "dense":
         model = lenet5(keras.layers.Conv2D, keras.layers.Dense, keras)
+        if args.init_from:
+            load_initial_weights(model, args.init_from, seed)
         compile_model(model, keras)
         model.fit(x_train, y_train, **fit)
         final = model
