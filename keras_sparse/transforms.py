@@ -197,8 +197,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     parents = {id(layer): parent for layer, parent in found}
     layers = [layer for layer, _ in found]
     # Counted before conversion (the masks' variables are not the model's), over the
-    # weight matrices, as `sparsity_report` counts them (it leaves out the integer kernels
-    # of quantized layers and a converted layer's LoRA factors, which this counts).
+    # weight matrices, as `sparsity_report` counts them (it leaves out LoRA factors and a
+    # quantized kernel's scales and zero points, which this counts).
     total = sum(math.prod(v.shape) for layer in layers for v in weight_matrices(layer))
     holders = [layer for layer in layers if weight_matrices(layer)]
     selected = [layer for layer in holders if predicate(layer)]
