@@ -17,7 +17,6 @@ inplace=True)`, as `Model.quantize()` does).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import warnings
 
@@ -25,7 +24,15 @@ import keras
 
 from keras_sparse import convert
 from keras_sparse.layers import SparseKernelMixin
-from keras_sparse.walk import display_names, sparse_layers, unpruned_matrices, walk, weight_matrices
+from keras_sparse.walk import (
+    dense_values,
+    display_names,
+    matrix_values,
+    sparse_layers,
+    unpruned_matrices,
+    walk,
+    weight_matrices,
+)
 
 # ------------------------------------------------------------------ helpers
 
@@ -196,10 +203,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     found = walk(target)
     parents = {id(layer): parent for layer, parent in found}
     layers = [layer for layer, _ in found]
-    # Counted before conversion (the masks' variables are not the model's), over the
-    # weight matrices, as `sparsity_report` counts them (it leaves out LoRA factors and a
-    # quantized kernel's scales and zero points, which this counts).
-    total = sum(math.prod(v.shape) for layer in layers for v in weight_matrices(layer))
+    # Counted before conversion, as `sparsity_report` counts the result.
+    total = sum(matrix_values(layer) for layer in layers)
     holders = [layer for layer in layers if weight_matrices(layer)]
     selected = [layer for layer in holders if predicate(layer)]
     chosen = [layer for layer in selected if _why_not(layer) is None]
@@ -295,10 +300,10 @@ def _warn_left_dense(model, refused, total):
     total = total or 1
     names = display_names(model, [layer for layer, _ in refused])
     parts = [
-        f"'{name}' ({why}; {sum(math.prod(v.shape) for v in unpruned_matrices(layer)) / total:.1%})"
+        f"'{name}' ({why}; {dense_values(layer) / total:.1%})"
         for name, (layer, why) in zip(names, refused)
     ]
-    share = sum(math.prod(v.shape) for layer, _ in refused for v in unpruned_matrices(layer))
+    share = sum(dense_values(layer) for layer, _ in refused)
     warnings.warn(
         f"sparsify() left {len(refused)} selected layer(s) with weight matrices dense, "
         f"{share / total:.1%} of the weight-matrix values of '{model.name}': " + ", ".join(parts),
@@ -542,12 +547,10 @@ def sparsity_report(model):
     everything = [layer for layer, _ in walk(model)]
     if isinstance(model, keras.Model) is False:
         everything = [model] + everything
-    # Quantized kernels (int8) are matrices left dense too, as sparsify's warning counts them.
+    # Quantized kernels are matrices left dense too, as sparsify's warning counts them.
     holders = [layer for layer in everything if unpruned_matrices(layer)]
     dense = tuple(
-        DenseLayer(
-            name, type(layer).__name__, sum(math.prod(v.shape) for v in unpruned_matrices(layer))
-        )
+        DenseLayer(name, type(layer).__name__, dense_values(layer))
         for layer, name in zip(holders, display_names(model, holders))
     )
     return SparsityReport(tuple(rows), total, dense)

@@ -10,6 +10,8 @@ keras-hub's blocks. Every model-level function of this package walks with
 
 from __future__ import annotations
 
+import math
+
 import keras
 
 
@@ -92,6 +94,28 @@ def unpruned_matrices(layer):
         return matrices
     pruned = {id(v) for mask in masks.values() for v in (mask.kernel, *mask.variables)}
     return [v for v in matrices if id(v) not in pruned]
+
+
+def dense_values(layer):
+    """How many values `layer`'s matrices that no mask prunes hold, as the layer reads them."""
+    return sum(_values_read(layer, v) for v in unpruned_matrices(layer))
+
+
+def matrix_values(layer):
+    """How many values `layer`'s weight matrices hold, as `sparsity_report` counts them: its
+    masked kernels and the matrices it leaves dense, without Keras's modes of a kernel."""
+    masks = getattr(layer, "_kernel_masks", None) or {}
+    return dense_values(layer) + sum(mask.size for mask in masks.values())
+
+
+def _values_read(layer, variable):
+    """`variable`'s size as `layer` reads it: a quantized int4 kernel is stored packed, two
+    values a byte, and the layer's property of the same name unpacks it."""
+    if getattr(layer, "quantization_mode", None) == "int4":
+        shape = getattr(getattr(layer, variable.name.split("/")[-1], None), "shape", None)
+        if shape is not None:
+            return math.prod(shape)
+    return math.prod(variable.shape)
 
 
 def _of_a_keras_mode(variable):

@@ -206,9 +206,10 @@ def test_the_other_quantizable_types_keep_their_zeros_and_serve_as_keras(make, x
     )
 
 
-def test_the_report_lists_a_quantized_layer_left_dense(rng):
-    # An int8 kernel no mask prunes is still a matrix left dense: the report's coverage
-    # counts it, as sparsify's warning does.
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_report_lists_a_quantized_layer_left_dense(mode):
+    # A quantized kernel no mask prunes is still a matrix left dense: the report's coverage
+    # counts its values (an int4 kernel's, not its packed bytes), as sparsify's warning does.
     model = keras.Sequential(
         [
             keras.Input((8,)),
@@ -216,7 +217,34 @@ def test_the_report_lists_a_quantized_layer_left_dense(rng):
             keras.layers.Dense(3, name="logits"),
         ]
     )
-    quantize(model, "int8")
+    quantize(model, mode)
     report = ks.sparsity_report(model)
     assert [(d.name, d.params) for d in report.dense] == [("logits", 6 * 3)]
     assert report.coverage == pytest.approx(8 * 6 / (8 * 6 + 6 * 3))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_sparsify_warns_of_a_quantized_layer_by_the_values_the_report_counts(mode):
+    # The warning's share is of the values the converted model's report counts: a LoRA
+    # factor or a quantized kernel's scales are not weights of their own.
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(6, activation="relu", name="hidden"),
+            keras.layers.Embedding(5, 4, name="table"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
+    model.layers[0].enable_lora(2)
+    model.get_layer("logits").quantize(mode)
+    model.get_layer("table").quantize(mode)
+    with pytest.warns(UserWarning, match="dense") as caught:
+        sparse = ks.sparsify(model)
+    whole = 8 * 6 + 5 * 4 + 24 * 3
+    (message,) = [str(w.message) for w in caught if "sparsify()" in str(w.message)]
+    assert f"{(5 * 4 + 24 * 3) / whole:.1%} of the weight-matrix values" in message
+    assert f"'logits' (quantized ({mode}); {24 * 3 / whole:.1%})" in message
+    report = ks.sparsity_report(sparse)
+    assert [(d.name, d.params) for d in report.dense] == [("table", 5 * 4), ("logits", 24 * 3)]
+    assert report.coverage == pytest.approx(8 * 6 / whole)
