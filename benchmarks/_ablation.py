@@ -220,9 +220,10 @@ def add_initial_weights_arguments(parser):
 
 def check_initial_weights_methods(parser, args, sparse_method):
     """`--init-from` loads into the `sparse_method` and `dense` runs only: an error if others
-    would run."""
+    would run. A script without the flag (mnist_pquant.py reuses mnist_lenet5.py's parsing)
+    passes."""
     others = [m for m in args.methods.split(",") if m not in (sparse_method, "dense")]
-    if args.init_from and others:
+    if getattr(args, "init_from", None) and others:
         parser.error(
             f"--init-from applies to --methods {sparse_method} and dense only; "
             f"received --methods {args.methods}"
@@ -261,3 +262,68 @@ def load_initial_weights(model, path, seed):
             if key not in arrays:
                 raise SystemExit(f"--init-from {path}: no {key!r} (saved for other seeds?)")
             getattr(layer, name).assign(arrays[key])
+
+
+BATCH_ORDERS = ("keras", "each-epoch", "once")
+
+
+def add_batch_order_argument(parser):
+    """`--batch-order`: who shuffles the training images, and how often."""
+    parser.add_argument(
+        "--batch-order",
+        choices=BATCH_ORDERS,
+        default="keras",
+        help="keras: fit(shuffle=True), as each backend's Keras does it (on TensorFlow, after "
+        "keras.utils.set_random_seed, one order repeated every epoch); each-epoch: a new "
+        "NumPy permutation every epoch, the same on every backend; once: one NumPy "
+        "permutation for every epoch",
+    )
+    return parser
+
+
+def training_inputs(x, y, batch_size, order, seed):
+    """`model.fit`'s data arguments for `--batch-order order`.
+
+    "each-epoch" and "once" draw their permutations from NumPy with `seed`, so every
+    backend sees the same batches in the same order.
+    """
+    if order == "keras":
+        return {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 20261207])
+    if order == "once":
+        permutation = rng.permutation(len(x))
+        return {
+            "x": x[permutation],
+            "y": y[permutation],
+            "batch_size": batch_size,
+            "shuffle": False,
+        }
+    if order != "each-epoch":
+        raise ValueError(f"--batch-order must be one of {BATCH_ORDERS}; received {order!r}")
+    # fit must not shuffle the batches again (with Python's `random`, as its epochs run).
+    return {"x": _reshuffled_batches(x, y, batch_size, rng), "shuffle": False}
+
+
+def _reshuffled_batches(x, y, batch_size, rng):
+    """A `keras.utils.PyDataset` of `(x, y)` in batches, in a new permutation every epoch
+    (defined here: keras is imported once the benchmark has chosen the backend)."""
+    import keras
+
+    class ReshuffledBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.order = rng.permutation(len(x))
+
+        def __len__(self):
+            return -(-len(x) // batch_size)
+
+        def __getitem__(self, index):
+            batch = self.order[index * batch_size : (index + 1) * batch_size]
+            return x[batch], y[batch]
+
+        def on_epoch_end(self):
+            self.order = rng.permutation(len(x))
+
+    return ReshuffledBatches()

@@ -40,6 +40,7 @@ from pathlib import Path
 from _ablation import (
     adam,
     add_ablation_arguments,
+    add_batch_order_argument,
     add_data_argument,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
@@ -51,6 +52,7 @@ from _ablation import (
     save_initial_weights,
     start_thresholds,
     temperature_schedule,
+    training_inputs,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,6 +87,7 @@ def parse_args(argv=None):
     add_recipe_shape_arguments(parser)
     add_ablation_arguments(parser)
     add_initial_weights_arguments(parser)
+    add_batch_order_argument(parser)
     args = parser.parse_args(argv)
     check_initial_weights_methods(parser, args, "sparse_linear")
     return args
@@ -159,14 +162,16 @@ def run_one(method, target, seed, args, data):
     keras.utils.set_random_seed(seed)
     steps_per_epoch = int(np.ceil(len(x_train) / args.batch_size))
     total_steps = args.epochs * steps_per_epoch
-    fit = dict(batch_size=args.batch_size, verbose=0)
+    fit = dict(
+        verbose=0, **training_inputs(x_train, y_train, args.batch_size, args.batch_order, seed)
+    )
     start = time.perf_counter()
     if method == "dense":
         model = lenet(keras.layers.Dense)
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
         compile_model(model)
-        model.fit(x_train, y_train, epochs=args.epochs, **fit)
+        model.fit(epochs=args.epochs, **fit)
         final = model
     elif method == "sparse_linear":
         model = lenet(functools.partial(ks.SparseLinear, **mask_options(args)))
@@ -182,7 +187,7 @@ def run_one(method, target, seed, args, data):
             power=args.power,
         )
         scheduler = driver(schedule, args, end_step)
-        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)
+        model.fit(epochs=args.epochs, callbacks=[scheduler], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.strip(model)
         compile_model(final)
@@ -192,7 +197,7 @@ def run_one(method, target, seed, args, data):
         end_step = int(args.end_fraction * total_steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end_step)
         scheduler = driver(schedule, args, end_step)
-        model.fit(x_train, y_train, epochs=args.epochs, callbacks=[scheduler], **fit)
+        model.fit(epochs=args.epochs, callbacks=[scheduler], **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.shrink(model).model
         compile_model(final)
@@ -202,12 +207,12 @@ def run_one(method, target, seed, args, data):
         model = lenet(ks.SparseLinear)
         compile_model(model)
         dense_epochs = int(0.75 * args.epochs)
-        model.fit(x_train, y_train, epochs=dense_epochs, **fit)
+        model.fit(epochs=dense_epochs, **fit)
         for layer in ks.sparse_layers(model):
             kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
             layer.reset_threshold(float(np.quantile(kernel, target)))
             layer.hard_prune()
-        model.fit(x_train, y_train, epochs=args.epochs - dense_epochs, **fit)
+        model.fit(epochs=args.epochs - dense_epochs, **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.strip(model)
         compile_model(final)

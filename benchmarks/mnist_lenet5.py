@@ -38,6 +38,7 @@ from pathlib import Path
 from _ablation import (
     adam,
     add_ablation_arguments,
+    add_batch_order_argument,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
     check_initial_weights_methods,
@@ -47,6 +48,7 @@ from _ablation import (
     save_initial_weights,
     start_thresholds,
     temperature_schedule,
+    training_inputs,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,6 +77,7 @@ def build_parser(description=None):
     parser.add_argument(
         "--out", default=None, help="JSON output (default results/lenet5_mnist_<backend>.json)"
     )
+    add_batch_order_argument(parser)
     return parser
 
 
@@ -173,14 +176,16 @@ def run_one(method, target, seed, args, data):
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     steps = args.epochs * int(np.ceil(len(x_train) / args.batch_size))
-    fit = dict(batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+    order = args.batch_order
+    fit = dict(epochs=args.epochs, verbose=0)
+    fit.update(training_inputs(x_train, y_train, args.batch_size, order, seed))
     start = time.perf_counter()
     if method == "dense":
         model = lenet5(keras.layers.Conv2D, keras.layers.Dense, keras)
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
         compile_model(model, keras)
-        model.fit(x_train, y_train, **fit)
+        model.fit(**fit)
         final = model
         evaluated = None
     elif method == "sparse":
@@ -205,7 +210,7 @@ def run_one(method, target, seed, args, data):
         }
         given = {key: value for key, value in given.items() if value is not None}
         driver = ks.SparsityScheduler(schedule, scope=args.scope, temperature=temperature, **given)
-        model.fit(x_train, y_train, callbacks=[driver], **fit)
+        model.fit(callbacks=[driver], **fit)
         evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
         compile_model(final, keras)
@@ -225,7 +230,7 @@ def run_one(method, target, seed, args, data):
         end = int(args.end_fraction * steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
         driver = ks.SparsityScheduler(schedule, scope="per_layer")
-        model.fit(x_train, y_train, callbacks=[driver], **fit)
+        model.fit(callbacks=[driver], **fit)
         evaluated = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.shrink(model).model
         compile_model(final, keras)

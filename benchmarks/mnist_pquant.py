@@ -108,7 +108,7 @@ def run_one(method, value, seed, args, data):
     keras.utils.set_random_seed(seed)
     config = vit_peer.pquant_config(method, args.epochs, value)
     model = pquant.add_compression_layers(stock_model(args.model, keras), config)
-    wall, evaluated = vit_peer.train(model, config, args, data)
+    wall, evaluated = vit_peer.train(model, config, args, data, seed)
     # PQuantML has no strip to stock layers: its compressed kernels, in order, go to a fresh
     # stock model (the weight layers are in the same order; activations and pools hold none).
     final = stock_model(args.model, keras)

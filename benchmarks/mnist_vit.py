@@ -38,7 +38,13 @@ import sys
 import time
 from pathlib import Path
 
-from _ablation import add_ablation_arguments, held_out, temperature_schedule
+from _ablation import (
+    add_ablation_arguments,
+    add_batch_order_argument,
+    held_out,
+    temperature_schedule,
+    training_inputs,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -97,6 +103,7 @@ def build_parser(description=None):
         action="store_true",
         help="add to the runs already in the output file (more seeds, a wider sweep)",
     )
+    add_batch_order_argument(parser)
     return parser
 
 
@@ -211,13 +218,14 @@ def run_one(method, target, seed, args, data):
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     steps = args.epochs * int(np.ceil(len(x_train) / args.batch_size))
-    fit = dict(batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+    fit = dict(epochs=args.epochs, verbose=0)
+    fit.update(training_inputs(x_train, y_train, args.batch_size, args.batch_order, seed))
     start = time.perf_counter()
     extra = {}
     if method == "dense":
         model = vit(keras)
         compile_model(model, keras)
-        model.fit(x_train, y_train, **fit)
+        model.fit(**fit)
         final = model
     elif method == "sparse":
         model = ks.sparsify(vit(keras))
@@ -228,7 +236,7 @@ def run_one(method, target, seed, args, data):
         end = int(args.end_fraction * steps)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=end)
         driver = ks.SparsityScheduler(schedule, temperature=temperature_schedule(args, end))
-        model.fit(x_train, y_train, callbacks=[driver], **fit)
+        model.fit(callbacks=[driver], **fit)
         extra["evaluated_accuracy"] = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.strip(model)
         compile_model(final, keras)
@@ -240,7 +248,7 @@ def run_one(method, target, seed, args, data):
         compile_model(model, keras)
         schedule = ks.PolynomialDecay(target, begin_step=0, end_step=int(0.75 * steps))
         driver = ks.SparsityScheduler(schedule, scope="per_layer")
-        model.fit(x_train, y_train, callbacks=[driver], **fit)
+        model.fit(callbacks=[driver], **fit)
         extra["evaluated_accuracy"] = float(model.evaluate(x_test, y_test, verbose=0)[1])
         final = ks.shrink(model).model
         compile_model(final, keras)

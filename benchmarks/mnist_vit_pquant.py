@@ -40,6 +40,7 @@ import os
 import time
 from pathlib import Path
 
+from _ablation import training_inputs
 from _by_path import load_module
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -175,7 +176,7 @@ def try_add_compression_layers(config):
     return f"converted: {[type(layer).__name__ for layer in converted.layers]}"
 
 
-def train(model, config, args, data):
+def train(model, config, args, data, seed):
     """Compile and fit `model` with PQuantML's callback on the benchmark's budget.
 
     Returns the training wall time and the test accuracy of the compressed model
@@ -189,12 +190,10 @@ def train(model, config, args, data):
     assert callback.total_epochs == args.epochs
     start = time.perf_counter()
     model.fit(
-        x_train,
-        y_train,
-        batch_size=args.batch_size,
         epochs=callback.total_epochs,
         verbose=0,
         callbacks=[callback],
+        **training_inputs(x_train, y_train, args.batch_size, args.batch_order, seed),
     )
     wall = time.perf_counter() - start
     return wall, float(model.evaluate(x_test, y_test, verbose=0)[1])
@@ -209,7 +208,7 @@ def run_one(method, value, seed, args, data):
     keras.utils.set_random_seed(seed)
     config = pquant_config(method, args.epochs, value)
     model = pq_vit(config, args.prune_qkv and method != "dense")
-    wall, evaluated = train(model, config, args, data)
+    wall, evaluated = train(model, config, args, data, seed)
     final = to_stock(model)
     probe = x_test[:256]
     gap = np.abs(model.predict(probe, verbose=0) - final.predict(probe, verbose=0))
