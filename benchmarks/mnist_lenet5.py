@@ -45,6 +45,7 @@ from _ablation import (
     held_out,
     load_initial_weights,
     mask_options,
+    recorded_config,
     save_initial_weights,
     start_thresholds,
     temperature_schedule,
@@ -330,7 +331,7 @@ def main(argv=None):
                 )
     out = Path(args.out) if args.out else RESULTS / f"lenet5_mnist_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "backend", "mnist")}
+    config = recorded_config(args, "out", "backend", "mnist")
     out.write_text(
         json.dumps({"config": config, "runs": rows, "median": median_rows(rows)}, indent=1)
     )

@@ -42,6 +42,7 @@ from _ablation import (
     add_ablation_arguments,
     add_batch_order_argument,
     held_out,
+    recorded_config,
     temperature_schedule,
     training_inputs,
 )
@@ -290,7 +291,7 @@ def write_results(rows, args, out, drop=("out", "backend", "mnist"), summary=Non
     `earlier`: the configs of the invocations whose runs `rows` continues.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in drop}
+    config = recorded_config(args, *drop)
     result = {"config": config, "runs": rows}
     if earlier:
         result["earlier_configs"] = list(earlier)
