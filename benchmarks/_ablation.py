@@ -291,7 +291,8 @@ def training_inputs(x, y, batch_size, order, seed):
         return {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}
     import numpy as np
 
-    # A stream of its own: the seed alone also seeds Keras's draws, which must not move it.
+    # A generator of its own, so that no other draw moves the batch order; the tag keeps it
+    # apart from any stream seeded by `seed` alone.
     rng = np.random.default_rng([seed, 20261207])
     if order == "once":
         permutation = rng.permutation(len(x))
