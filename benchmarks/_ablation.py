@@ -102,6 +102,14 @@ def add_recipe_shape_arguments(parser):
         "default: zero, and thresholds kept non-negative)",
     )
     parser.add_argument(
+        "--penalty-on",
+        choices=("thresholds", "weights"),
+        default="thresholds",
+        help="what the sparsity penalty's gradient reaches: the thresholds only (the "
+        "library's, since 2026-12-07), or the weights near them too (the library's before; "
+        "an ablation's patch)",
+    )
+    parser.add_argument(
         "--threshold-lr",
         type=float,
         default=None,
@@ -153,6 +161,36 @@ def mask_options(args):
     if args.threshold_start is not None:
         options["threshold_constraint"] = None
     return options
+
+
+def apply_penalty_target(args):
+    """With `--penalty-on weights`, make every sparse layer's training mask put its penalty's
+    gradient on the weights too, for this process: the library's behaviour before 2026-12-07.
+
+    An ablation's patch, not a library option: the mask's hand-fused gradients are replaced
+    by autodiff of the formula, `mean(mask)` differentiated through the kernel as well.
+    """
+    if getattr(args, "penalty_on", "thresholds") == "thresholds":
+        return
+    from keras import ops
+
+    from keras_sparse import mask as mask_module
+
+    def penalty_on_weights(kernel, threshold, prune_mask, temperature):
+        alive = ops.cast(prune_mask, kernel.dtype)
+        soft = ops.sigmoid((ops.abs(kernel) - threshold) * temperature) * alive
+        return kernel * soft, ops.mean(soft)
+
+    def fused_training(self):
+        if self.options.granularity != "weight" or self.options.straight_through:
+            raise ValueError(
+                "--penalty-on weights is built for the weight granularity without "
+                f"--straight-through; got granularity={self.options.granularity!r}, "
+                f"straight_through={self.options.straight_through}"
+            )
+        return penalty_on_weights
+
+    mask_module.KernelMask._fused_training = fused_training
 
 
 def start_thresholds(model, args):

@@ -44,6 +44,7 @@ from _ablation import (
     add_data_argument,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
+    apply_penalty_target,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
@@ -174,6 +175,7 @@ def run_one(method, target, seed, args, data):
         model.fit(epochs=args.epochs, **fit)
         final = model
     elif method == "sparse_linear":
+        apply_penalty_target(args)
         model = lenet(functools.partial(ks.SparseLinear, **mask_options(args)))
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)

@@ -41,6 +41,7 @@ from _ablation import (
     add_batch_order_argument,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
+    apply_penalty_target,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
@@ -113,6 +114,7 @@ def recipe(args):
         "gain": args.gain,
         "threshold_start": args.threshold_start,
         "threshold_lr": args.threshold_lr,
+        "penalty_on": args.penalty_on,
         "init_from": args.init_from,
         "validation": args.validation,
         "fold": args.fold,
@@ -190,6 +192,7 @@ def run_one(method, target, seed, args, data):
         final = model
         evaluated = None
     elif method == "sparse":
+        apply_penalty_target(args)
         options = mask_options(args)
         model = lenet5(
             functools.partial(ks.SparseConv2D, **options),
