@@ -239,7 +239,14 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
     sigmoid's derivative where a weight is alive, zero where it is pruned):
 
         d/dthreshold (per weight) = -(g_w * kernel + g_mean / size) * u
-        d/dkernel                 = g_w * mask - sign(kernel) * d/dthreshold
+        d/dkernel                 = g_w * mask + sign(kernel) * g_w * kernel * u
+
+    The mean's gradient `g_mean` (the sparsity penalty's) reaches the
+    thresholds only: `mean(mask)` is taken as if the kernel were constant, so
+    the penalty raises the thresholds without pulling the weights near them
+    towards zero (as continuous sparsification keeps its penalty on separate
+    scores; measured in docs/pruning_guide.md, "The penalty reaches the
+    thresholds only").
 
     Used on TensorFlow and JAX, where it measured faster than autodiff, with
     less memory for a per-weight threshold (`benchmarks/compare_revisions.py`).
@@ -256,8 +263,10 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
             upstream = upstreams if len(upstreams) == 2 else upstreams[0]
         grad_kernel_out, grad_mean = upstream
         factor = mask * (1.0 - mask) * temperature
-        grad_threshold = -(grad_kernel_out * kernel + grad_mean / size) * factor
-        grad_kernel = grad_kernel_out * mask - ops.sign(kernel) * grad_threshold
+        # The task loss's `-d/dthreshold` per weight; the penalty's reaches the threshold only.
+        task = grad_kernel_out * kernel * factor
+        grad_threshold = -(task + grad_mean / size * factor)
+        grad_kernel = grad_kernel_out * mask + ops.sign(kernel) * task
         if summed_axes:  # one threshold per output unit
             grad_threshold = ops.sum(grad_threshold, axis=summed_axes, keepdims=True)
         return grad_kernel, grad_threshold, None, None
@@ -355,15 +364,16 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
                 per_weight_mean = grad_mean / mask.numel()
                 for rows in slices:
                     weights, soft = part(kernel, rows), part(mask, rows)
-                    # `minus` is `-d/dthreshold` per weight:
-                    # `(g_w * kernel + g_mean / size) * mask * (1 - mask) * temperature`.
-                    minus = torch.addcmul(
-                        per_weight_mean,
-                        part(grad_kernel_out, rows),
-                        weights,
-                        out=part(grad_kernel, rows),
+                    # `task` is the task loss's `-d/dthreshold` per weight,
+                    # `g_w * kernel * mask * (1 - mask) * temperature`; `minus` adds
+                    # the penalty's, `g_mean / size * mask * (1 - mask) * temperature`,
+                    # which reaches the thresholds only (see `_soft_masked_kernel`).
+                    task = torch.mul(
+                        part(grad_kernel_out, rows), weights, out=part(grad_kernel, rows)
                     )
-                    sigmoid_backward(minus, soft, grad_input=minus).mul_(temperature)
+                    sigmoid_backward(task, soft, grad_input=task).mul_(temperature)
+                    minus = torch.rsub(soft, 1).mul_(soft).mul_(temperature * per_weight_mean)
+                    minus.add_(task)
                     reduced = minus.sum(summed, keepdim=True) if summed else minus
                     if accumulate:
                         grad_threshold.sub_(reduced)
@@ -371,13 +381,13 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
                         grad_threshold = -reduced
                     else:
                         torch.neg(reduced, out=part(grad_threshold, rows))
-                    # d/dkernel = g_w * mask + sign(kernel) * minus
+                    # d/dkernel = g_w * mask + sign(kernel) * task
                     sign_part = torch.sign(
                         weights, out=None if sign is None else sign[: len(weights)]
                     )
-                    minus.mul_(sign_part).addcmul_(part(grad_kernel_out, rows), soft)
+                    task.mul_(sign_part).addcmul_(part(grad_kernel_out, rows), soft)
                 if grad_kernel is None:
-                    grad_kernel = minus
+                    grad_kernel = task
                 return grad_kernel, grad_threshold, None, None
 
         _TORCH_SOFT_MASKED_KERNEL = SoftMaskedKernel
@@ -803,7 +813,7 @@ class KernelMask:
                 # The mean first: PyTorch's eager backward then holds one
                 # kernel-sized gradient fewer at its peak (measured with
                 # benchmarks/compare_revisions.py).
-                density = ops.mean(mask)
+                density = ops.mean(self._penalised_mask(kernel, mask))
                 masked = kernel * mask
             if first_call:
                 self.layer.add_loss(self.sparsity_penalty * density)
@@ -816,6 +826,21 @@ class KernelMask:
         if not _recording_gradients():
             return kernel
         return _unmasked(kernel, self.prune_mask.value)
+
+    def _penalised_mask(self, kernel, mask):
+        """The mask whose mean the penalty takes, on the autodiff path.
+
+        For the weight granularity, `mask` as if the kernel were constant: the
+        penalty moves the thresholds only, as in `_soft_masked_kernel`'s fused
+        gradient. Whole neurons and N:M patterns keep it on the weights too,
+        as before (their penalty's reach has not been measured).
+        """
+        if self.options.granularity != "weight":
+            return mask
+        held = self.soft(ops.stop_gradient(kernel))
+        if self.options.straight_through:
+            held = held + ops.stop_gradient(self.hard(kernel) - held)
+        return held
 
     def _first_training_call(self):
         """Whether this is the layer's first call in training in the current forward pass.

@@ -100,7 +100,8 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(
     rng, structured, training, slices, monkeypatch
 ):
     # The loss `fit` sees, `sum(y * upstream) + penalty * mean(mask)`, with some
-    # weights already pruned: its gradients against float64 central differences.
+    # weights already pruned: its gradients against float64 central differences, the
+    # kernel's with the penalty's mask held constant.
     # In training, every backend takes its fused gradient (TensorFlow and JAX one,
     # eager PyTorch its own); the soft inference mask (no penalty there) is autodiff on
     # every backend.
@@ -123,9 +124,11 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(
         layer, x.astype("float32"), upstream.astype("float32"), training, with_losses=training
     )
 
-    def loss(k, t):
+    def loss(k, t, k_penalised=None):
         mask = reference.soft_mask(k, t, 2.0) * alive
-        return np.sum((x @ (k * mask) + bias) * upstream) + training * penalty * np.mean(mask)
+        k_penalised = k if k_penalised is None else k_penalised
+        penalised = reference.soft_mask(k_penalised, t, 2.0) * alive
+        return np.sum((x @ (k * mask) + bias) * upstream) + training * penalty * np.mean(penalised)
 
     def numeric(f, at, eps=1e-6):
         grad = np.zeros_like(at)
@@ -135,7 +138,9 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(
             grad[index] = (f(at + step) - f(at - step)) / (2 * eps)
         return grad
 
-    want_kernel = numeric(lambda k: loss(k, threshold), kernel)
+    # The penalty reaches the thresholds only: the kernel's gradient holds the
+    # penalty's mask at the current kernel.
+    want_kernel = numeric(lambda k: loss(k, threshold, kernel), kernel)
     want_threshold = numeric(lambda t: loss(kernel, t), threshold)
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-3, atol=1e-3)
@@ -180,11 +185,15 @@ def test_straight_through_forward_is_hard_and_gradient_is_soft(rng):
     kernel, bias, threshold = layer_arrays(layer)
     hard = reference.forward(x, kernel * alive, bias, threshold, 5.0, hard=True)
     np.testing.assert_allclose(to_numpy(layer(x, training=True)), hard, rtol=1e-5, atol=1e-5)
-    d_kernel, _, d_threshold = gradients(layer, x, upstream)
+    # With the penalty: it reaches the thresholds only, through the soft mask's gradient.
+    penalty = 0.7
+    layer.sparsity_penalty.assign(penalty)
+    d_kernel, _, d_threshold = gradients(layer, x, upstream, with_losses=True)
     mask = reference.soft_mask(kernel, threshold, 5.0) * alive
     hard_mask = (np.abs(kernel) >= threshold) * alive
     d_effective = x.T @ upstream
-    want = -(d_effective * kernel * alive * mask * (1 - mask) * 5.0).sum(axis=0)
+    slope = alive * mask * (1 - mask) * 5.0
+    want = -(d_effective * kernel * slope).sum(axis=0) - penalty * slope.sum(axis=0) / slope.size
     np.testing.assert_allclose(d_threshold, want, rtol=1e-4, atol=1e-4)
     want_kernel = d_effective * (hard_mask + np.abs(kernel) * alive * mask * (1 - mask) * 5.0)
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-4, atol=1e-4)

@@ -183,7 +183,7 @@ def test_frozen_model_evaluates_exactly_as_its_effective_weights():
 def test_no_layer_falls_below_the_floor():
     # A target far below the floor, plain SGD (no momentum to carry a threshold on once
     # its penalty stops), per-weight thresholds and a bounded penalty, so that a step
-    # prunes a few weights: each layer reaches its floor in the ramp's first half and
+    # prunes a few weights: each layer reaches its floor by the ramp's fifth eighth and
     # stays there until the freeze, while the penalty would take it further.
     x, y = teacher_task(n=128)
     model = small_model(structured=False)
@@ -198,7 +198,7 @@ def test_no_layer_falls_below_the_floor():
     history = model.fit(x, y, batch_size=16, epochs=9, verbose=0, callbacks=[scheduler])
     for name in ("hidden", "head"):
         before_freeze = history.history[f"density/{name}"][:8]  # epochs end at steps 8..64
-        assert min(before_freeze[:4]) <= 0.3 + 0.05, name  # the floor is reached by step 32
+        assert min(before_freeze[:5]) <= 0.3 + 0.05, name  # the floor is reached by step 40
         assert min(before_freeze) >= 0.3 - 0.05, name  # one update of overshoot at most
     # The freeze then keeps each layer's floor exactly: ceil(0.3 * size) weights.
     hidden, head = ks.sparse_layers(model)
