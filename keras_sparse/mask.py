@@ -239,7 +239,7 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
     sigmoid's derivative where a weight is alive, zero where it is pruned):
 
         d/dthreshold (per weight) = -(g_w * kernel + g_mean / size) * u
-        d/dkernel                 = g_w * mask + sign(kernel) * g_w * kernel * u
+        d/dkernel                 = g_w * (mask + |kernel| * u)
 
     The mean's gradient `g_mean` (the sparsity penalty's) reaches the
     thresholds only: `mean(mask)` is taken as if the kernel were constant, so
@@ -263,12 +263,17 @@ def _soft_masked_kernel(kernel, threshold, prune_mask, temperature):
             upstream = upstreams if len(upstreams) == 2 else upstreams[0]
         grad_kernel_out, grad_mean = upstream
         factor = mask * (1.0 - mask) * temperature
-        # The task loss's `-d/dthreshold` per weight; the penalty's reaches the threshold only.
-        task = grad_kernel_out * kernel * factor
-        grad_threshold = -(task + grad_mean / size * factor)
-        grad_kernel = grad_kernel_out * mask + ops.sign(kernel) * task
+        grad_threshold = -(grad_kernel_out * kernel + grad_mean / size) * factor
+        # The task loss's part alone. Written two ways, each the one that held XLA's
+        # peak memory at the previous version's on JAX (benchmarks/compare_revisions.py
+        # --memory): with a per-unit threshold, apart from the threshold's gradient; with a
+        # threshold per weight, from it (a kernel-sized output already).
         if summed_axes:  # one threshold per output unit
+            grad_kernel = grad_kernel_out * (mask + ops.abs(kernel) * factor)
             grad_threshold = ops.sum(grad_threshold, axis=summed_axes, keepdims=True)
+        else:
+            task_part = grad_threshold + grad_mean / size * factor
+            grad_kernel = grad_kernel_out * mask - ops.sign(kernel) * task_part
         return grad_kernel, grad_threshold, None, None
 
     return (kernel * mask, ops.mean(mask)), grad
@@ -356,24 +361,21 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
                 if len(slices) > 1:
                     new = torch.zeros if accumulate else torch.empty
                     grad_threshold = new(shape, dtype=ctx.threshold_dtype, device=kernel.device)
-                grad_kernel = sign = None
+                grad_kernel = None
                 if slices != [None]:
                     grad_kernel = torch.empty_like(kernel)
-                    # sign(kernel), slice by slice in one buffer
-                    sign = torch.empty_like(kernel[slices[0]])
                 per_weight_mean = grad_mean / mask.numel()
                 for rows in slices:
                     weights, soft = part(kernel, rows), part(mask, rows)
-                    # `task` is the task loss's `-d/dthreshold` per weight,
-                    # `g_w * kernel * mask * (1 - mask) * temperature`; `minus` adds
-                    # the penalty's, `g_mean / size * mask * (1 - mask) * temperature`,
-                    # which reaches the thresholds only (see `_soft_masked_kernel`).
-                    task = torch.mul(
-                        part(grad_kernel_out, rows), weights, out=part(grad_kernel, rows)
+                    # `minus` is `-d/dthreshold` per weight:
+                    # `(g_w * kernel + g_mean / size) * mask * (1 - mask) * temperature`.
+                    minus = torch.addcmul(
+                        per_weight_mean,
+                        part(grad_kernel_out, rows),
+                        weights,
+                        out=part(grad_kernel, rows),
                     )
-                    sigmoid_backward(task, soft, grad_input=task).mul_(temperature)
-                    minus = torch.rsub(soft, 1).mul_(soft).mul_(temperature * per_weight_mean)
-                    minus.add_(task)
+                    sigmoid_backward(minus, soft, grad_input=minus).mul_(temperature)
                     reduced = minus.sum(summed, keepdim=True) if summed else minus
                     if accumulate:
                         grad_threshold.sub_(reduced)
@@ -381,13 +383,14 @@ def _torch_soft_masked_kernel(kernel, threshold, prune_mask, temperature):
                         grad_threshold = -reduced
                     else:
                         torch.neg(reduced, out=part(grad_threshold, rows))
-                    # d/dkernel = g_w * mask + sign(kernel) * task
-                    sign_part = torch.sign(
-                        weights, out=None if sign is None else sign[: len(weights)]
-                    )
-                    task.mul_(sign_part).addcmul_(part(grad_kernel_out, rows), soft)
+                    # d/dkernel = g_w * (mask + |kernel| * mask * (1 - mask) * temperature),
+                    # the task loss's alone (the penalty's reaches the thresholds only,
+                    # see `_soft_masked_kernel`), in `minus`'s buffer once it is read.
+                    torch.abs(weights, out=minus)
+                    sigmoid_backward(minus, soft, grad_input=minus).mul_(temperature)
+                    minus.add_(soft).mul_(part(grad_kernel_out, rows))
                 if grad_kernel is None:
-                    grad_kernel = task
+                    grad_kernel = minus
                 return grad_kernel, grad_threshold, None, None
 
         _TORCH_SOFT_MASKED_KERNEL = SoftMaskedKernel
