@@ -842,7 +842,8 @@ class KernelMask:
             return mask
         held = self.soft(ops.stop_gradient(kernel))
         if self.options.straight_through:
-            held = held + ops.stop_gradient(self.hard(kernel) - held)
+            # `mask`'s value is already the hard mask: no second comparison.
+            held = held + ops.stop_gradient(mask - held)
         return held
 
     def _first_training_call(self):
