@@ -182,15 +182,19 @@ def apply_penalty_target(args):
         return kernel * soft, ops.mean(soft)
 
     def fused_training(self):
-        if self.options.granularity != "weight" or self.options.straight_through:
+        if self.options.straight_through:
             raise ValueError(
-                "--penalty-on weights is built for the weight granularity without "
-                f"--straight-through; got granularity={self.options.granularity!r}, "
+                "--penalty-on weights is built without --straight-through; got "
                 f"straight_through={self.options.straight_through}"
             )
-        return penalty_on_weights
+        # Whole units train through autodiff, where `_penalised_mask` decides.
+        return penalty_on_weights if self.options.granularity == "weight" else None
+
+    def penalised_mask(self, kernel, mask):
+        return mask
 
     mask_module.KernelMask._fused_training = fused_training
+    mask_module.KernelMask._penalised_mask = penalised_mask
 
 
 def start_thresholds(model, args):

@@ -194,6 +194,7 @@ def run_one(method, target, seed, args, data):
         final = ks.strip(model)
         compile_model(final)
     elif method == "sparse_linear_neuron":
+        apply_penalty_target(args)
         model = lenet(neuron_layer)
         compile_model(model)
         end_step = int(args.end_fraction * total_steps)

@@ -221,6 +221,7 @@ def run_one(method, target, seed, args, data):
     elif method == "neuron":
         # Whole channels and neurons: `target` of each of conv1, conv2, fc1 and fc2 (the
         # classes stay), then `shrink` removes them.
+        apply_penalty_target(args)
         model = lenet5(
             functools.partial(ks.SparseConv2D, granularity="neuron"),
             lambda units, name, **kw: (

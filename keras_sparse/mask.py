@@ -833,12 +833,12 @@ class KernelMask:
     def _penalised_mask(self, kernel, mask):
         """The mask whose mean the penalty takes, on the autodiff path.
 
-        For the weight granularity, `mask` as if the kernel were constant: the
-        penalty moves the thresholds only, as in `_soft_masked_kernel`'s fused
-        gradient. Whole neurons and N:M patterns keep it on the weights too,
-        as before (their penalty's reach has not been measured).
+        For the weight and neuron granularities, `mask` as if the kernel were
+        constant: the penalty moves the thresholds only, as in
+        `_soft_masked_kernel`'s fused gradient. N:M patterns keep it on the
+        weights too, as before (their penalty's reach has not been measured).
         """
-        if self.options.granularity != "weight":
+        if self.options.granularity == "n:m":
             return mask
         held = self.soft(ops.stop_gradient(kernel))
         if self.options.straight_through:
