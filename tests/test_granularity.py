@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import reference
-from backend_utils import to_numpy
+from backend_utils import gradients, to_numpy
 from layer_checks import run_layer_checks
 
 import keras_sparse as ks
@@ -96,6 +96,45 @@ def test_neuron_gradient_is_finite_for_an_all_zero_neuron(rng, x):
     model.compile(keras.optimizers.SGD(0.1), "mse")
     model.fit(x, np.zeros((3, 5), "float32"), epochs=1, verbose=0)
     assert all(np.all(np.isfinite(to_numpy(w))) for w in layer.weights)
+
+
+def test_neuron_gradients_with_the_penalty_match_finite_differences(rng, x):
+    # The loss `fit` sees, `sum(y * upstream) + penalty * mean(mask)`, for whole neurons:
+    # its gradients against float64 central differences. The penalty reaches the
+    # thresholds only: the kernel's gradient holds the penalty's mask at the current kernel.
+    layer = make_layer(rng, granularity="neuron", temperature=2.0)
+    kernel = to_numpy(layer.kernel).astype("float64")
+    bias = to_numpy(layer.bias).astype("float64")
+    # Thresholds near the scores, where the sigmoid's slope (and so the penalty) matters.
+    threshold = (rms(kernel) * rng.uniform(0.7, 1.3, size=5)).astype("float32")
+    layer.reset_threshold(threshold)
+    threshold = threshold.astype("float64")
+    penalty = 0.7
+    layer.sparsity_penalty.assign(penalty)
+    upstream = rng.normal(size=(3, 5))
+    d_kernel, _, d_threshold = gradients(
+        layer, x, upstream.astype("float32"), training=True, with_losses=True
+    )
+    x64 = x.astype("float64")
+
+    def loss(k, t, k_penalised=None):
+        k_penalised = k if k_penalised is None else k_penalised
+        mask = reference.sigmoid((rms(k) - t) * 2.0)
+        penalised = reference.sigmoid((rms(k_penalised) - t) * 2.0)
+        return np.sum((x64 @ (k * mask) + bias) * upstream) + penalty * np.mean(penalised)
+
+    def numeric(f, at, eps=1e-6):
+        grad = np.zeros_like(at)
+        for index in np.ndindex(at.shape):
+            step = np.zeros_like(at)
+            step[index] = eps
+            grad[index] = (f(at + step) - f(at - step)) / (2 * eps)
+        return grad
+
+    want_kernel = numeric(lambda k: loss(k, threshold, kernel), kernel)
+    want_threshold = numeric(lambda t: loss(kernel, t), threshold)
+    np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-3, atol=1e-4)
 
 
 def test_alive_neurons_counts_neurons_with_an_active_weight_in_weight_mode(rng):
