@@ -32,6 +32,16 @@ def gradients(x, kernel, threshold, temperature, upstream):
     return d_kernel, d_threshold
 
 
+def central_differences(f, at, eps=1e-6):
+    """The gradient of scalar `f` at `at` (float64), one central difference per entry."""
+    grad = np.zeros_like(at)
+    for index in np.ndindex(at.shape):
+        step = np.zeros_like(at)
+        step[index] = eps
+        grad[index] = (f(at + step) - f(at - step)) / (2 * eps)
+    return grad
+
+
 # ------------------------------------------------------- masks of any rank
 
 

@@ -123,16 +123,8 @@ def test_neuron_gradients_with_the_penalty_match_finite_differences(rng, x):
         penalised = reference.sigmoid((rms(k_penalised) - t) * 2.0)
         return np.sum((x64 @ (k * mask) + bias) * upstream) + penalty * np.mean(penalised)
 
-    def numeric(f, at, eps=1e-6):
-        grad = np.zeros_like(at)
-        for index in np.ndindex(at.shape):
-            step = np.zeros_like(at)
-            step[index] = eps
-            grad[index] = (f(at + step) - f(at - step)) / (2 * eps)
-        return grad
-
-    want_kernel = numeric(lambda k: loss(k, threshold, kernel), kernel)
-    want_threshold = numeric(lambda t: loss(kernel, t), threshold)
+    want_kernel = reference.central_differences(lambda k: loss(k, threshold, kernel), kernel)
+    want_threshold = reference.central_differences(lambda t: loss(kernel, t), threshold)
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-3, atol=1e-4)
 

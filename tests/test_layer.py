@@ -130,18 +130,10 @@ def test_penalty_and_pruned_weights_gradients_match_finite_differences(
         penalised = reference.soft_mask(k_penalised, t, 2.0) * alive
         return np.sum((x @ (k * mask) + bias) * upstream) + training * penalty * np.mean(penalised)
 
-    def numeric(f, at, eps=1e-6):
-        grad = np.zeros_like(at)
-        for index in np.ndindex(at.shape):
-            step = np.zeros_like(at)
-            step[index] = eps
-            grad[index] = (f(at + step) - f(at - step)) / (2 * eps)
-        return grad
-
     # The penalty reaches the thresholds only: the kernel's gradient holds the
     # penalty's mask at the current kernel.
-    want_kernel = numeric(lambda k: loss(k, threshold, kernel), kernel)
-    want_threshold = numeric(lambda t: loss(kernel, t), threshold)
+    want_kernel = reference.central_differences(lambda k: loss(k, threshold, kernel), kernel)
+    want_threshold = reference.central_differences(lambda t: loss(kernel, t), threshold)
     np.testing.assert_allclose(d_kernel, want_kernel, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(d_threshold, want_threshold, rtol=1e-3, atol=1e-3)
     assert np.all(d_kernel[~alive] == 0)
