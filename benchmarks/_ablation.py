@@ -70,9 +70,9 @@ def add_ablation_arguments(parser):
 
 
 def add_recipe_shape_arguments(parser):
-    """`--per-weight`, `--straight-through`, `--power`, `--begin-fraction` and `--gain`: the
-    mask's granularity and estimator, the ramp's shape and start, and the feedback's gain, as
-    an ablation varies them."""
+    """`--per-weight`, `--straight-through`, `--n-m`, `--power`, `--begin-fraction` and
+    `--gain`: the mask's granularity and estimator, the ramp's shape and start, and the
+    feedback's gain, as an ablation varies them."""
     parser.add_argument(
         "--per-weight", action="store_true", help="a threshold per weight (structured=False)"
     )
@@ -80,6 +80,13 @@ def add_recipe_shape_arguments(parser):
         "--straight-through",
         action="store_true",
         help="the hard mask forward, the soft mask's gradient backward (straight_through=True)",
+    )
+    parser.add_argument(
+        "--n-m",
+        default=None,
+        metavar="N,M",
+        help="N:M patterns (granularity='n:m', n_m=(N, M)): at most N of every M weights "
+        "along the inputs, the learned thresholds pruning further",
     )
     parser.add_argument(
         "--power", type=float, default=3.0, help="PolynomialDecay's power (its default 3)"
@@ -104,10 +111,12 @@ def add_recipe_shape_arguments(parser):
     parser.add_argument(
         "--penalty-on",
         choices=("thresholds", "weights"),
-        default="thresholds",
-        help="what the sparsity penalty's gradient reaches: the thresholds only (the "
-        "library's, since 2026-12-07), or the weights near them too (the library's before; "
-        "an ablation's patch)",
+        default=None,
+        help="what the sparsity penalty's gradient reaches, for every granularity: the "
+        "thresholds only, or the weights near them too (default: the library's, the "
+        "thresholds only for weights and whole units since 2026-12-07, the weights too for "
+        "N:M patterns; a value the library does not use for a granularity is an ablation's "
+        "patch)",
     )
     parser.add_argument(
         "--threshold-lr",
@@ -160,21 +169,45 @@ def mask_options(args):
     options = {"straight_through": args.straight_through, "structured": not args.per_weight}
     if args.threshold_start is not None:
         options["threshold_constraint"] = None
+    if getattr(args, "n_m", None):
+        try:
+            n, m = (int(part) for part in args.n_m.split(","))
+        except ValueError:
+            raise ValueError(f"--n-m takes two integers N,M; got {args.n_m!r}") from None
+        options.update(granularity="n:m", n_m=(n, m))
     return options
 
 
 def apply_penalty_target(args):
-    """With `--penalty-on weights`, make every sparse layer's training mask put its penalty's
-    gradient on the weights too, for this process: the library's behaviour before 2026-12-07.
+    """With `--penalty-on`, make every sparse layer's penalty gradient reach what the flag
+    says, for this process, whatever the library does for the layer's granularity.
 
-    An ablation's patch, not a library option: the mask's hand-fused gradients are replaced
-    by autodiff of the formula, `mean(mask)` differentiated through the kernel as well.
+    An ablation's patch, not a library option. `weights`: the library's behaviour before
+    2026-12-07 (the mask's hand-fused gradients replaced by autodiff of the formula,
+    `mean(mask)` differentiated through the kernel as well). `thresholds`: the library's
+    for weights and whole units; for N:M patterns the penalty's mask is then taken as if
+    the kernel were constant, as for the others.
     """
-    if getattr(args, "penalty_on", "thresholds") == "thresholds":
+    target = getattr(args, "penalty_on", None)
+    if target is None:
         return
     from keras import ops
 
     from keras_sparse import mask as mask_module
+
+    library_penalised_mask = mask_module.KernelMask._penalised_mask
+    if target == "thresholds":
+
+        def thresholds_only(self, kernel, mask):
+            if self.options.granularity != "n:m":
+                return library_penalised_mask(self, kernel, mask)
+            held = self.soft(ops.stop_gradient(kernel))
+            if self.options.straight_through:
+                held = held + ops.stop_gradient(mask - held)
+            return held
+
+        mask_module.KernelMask._penalised_mask = thresholds_only
+        return
 
     def penalty_on_weights(kernel, threshold, prune_mask, temperature):
         alive = ops.cast(prune_mask, kernel.dtype)
@@ -187,7 +220,7 @@ def apply_penalty_target(args):
                 "--penalty-on weights is built without --straight-through; got "
                 f"straight_through={self.options.straight_through}"
             )
-        # Whole units train through autodiff, where `_penalised_mask` decides.
+        # Whole units and N:M patterns train through autodiff, where `_penalised_mask` decides.
         return penalty_on_weights if self.options.granularity == "weight" else None
 
     def penalised_mask(self, kernel, mask):
