@@ -836,7 +836,8 @@ class KernelMask:
         For the weight and neuron granularities, `mask` as if the kernel were
         constant: the penalty moves the thresholds only, as in
         `_soft_masked_kernel`'s fused gradient. N:M patterns keep it on the
-        weights too, as before (their penalty's reach has not been measured).
+        weights too: moving it to the thresholds gained nothing there (the
+        pruning guide's seventh study).
         """
         if self.options.granularity == "n:m":
             return mask
