@@ -195,18 +195,9 @@ def apply_penalty_target(args):
 
     from keras_sparse import mask as mask_module
 
-    library_penalised_mask = mask_module.KernelMask._penalised_mask
     if target == "thresholds":
-
-        def thresholds_only(self, kernel, mask):
-            if self.options.granularity != "n:m":
-                return library_penalised_mask(self, kernel, mask)
-            held = self.soft(ops.stop_gradient(kernel))
-            if self.options.straight_through:
-                held = held + ops.stop_gradient(mask - held)
-            return held
-
-        mask_module.KernelMask._penalised_mask = thresholds_only
+        # The library's held mask, for N:M patterns too.
+        mask_module.KernelMask._penalised_mask = mask_module.KernelMask._mask_held_at
         return
 
     def penalty_on_weights(kernel, threshold, prune_mask, temperature):

@@ -841,6 +841,10 @@ class KernelMask:
         """
         if self.options.granularity == "n:m":
             return mask
+        return self._mask_held_at(kernel, mask)
+
+    def _mask_held_at(self, kernel, mask):
+        """`mask`'s value, differentiable in the thresholds only (the kernel held constant)."""
         held = self.soft(ops.stop_gradient(kernel))
         if self.options.straight_through:
             # `mask`'s value is already the hard mask: no second comparison.
