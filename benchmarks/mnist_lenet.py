@@ -50,6 +50,7 @@ from _ablation import (
     load_initial_weights,
     mask_options,
     recorded_config,
+    resolve_end_fraction,
     save_initial_weights,
     start_thresholds,
     temperature_schedule,
@@ -272,7 +273,7 @@ def median_rows(rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = resolve_end_fraction(parse_args(argv))
     if args.backend == "all":
         for backend in BACKENDS:
             cmd = [sys.executable, __file__, *(argv or sys.argv[1:])]

@@ -47,6 +47,7 @@ from _ablation import (
     load_initial_weights,
     mask_options,
     recorded_config,
+    resolve_end_fraction,
     save_initial_weights,
     start_thresholds,
     temperature_schedule,
@@ -309,7 +310,7 @@ def median_rows(rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = resolve_end_fraction(parse_args(argv))
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     data = held_out(load_data(args.mnist), args.validation, args.fold)

@@ -43,6 +43,7 @@ from _ablation import (
     add_batch_order_argument,
     held_out,
     recorded_config,
+    resolve_end_fraction,
     temperature_schedule,
     training_inputs,
 )
@@ -303,7 +304,7 @@ def write_results(rows, args, out, drop=("out", "backend", "mnist"), summary=Non
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = resolve_end_fraction(parse_args(argv))
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras_sparse.datasets import load_mnist
