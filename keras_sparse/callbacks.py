@@ -97,7 +97,8 @@ class SparsityScheduler(keras.callbacks.Callback):
       freeze, which makes the mask exact; without the freeze, or per layer,
       it rises, so that the soft mask trained approaches the hard one
       evaluated.
-    * **Freeze.** At `schedule.end_step` (when `freeze_at_end=True`) the
+    * **Freeze.** At `schedule.end_step` (when `freeze_at_end=True`; for a
+      schedule without a ramp, `ConstantSparsity` or a float, when `fit()` ends) the
       masks are fixed at exactly the target (ranking weights on their
       learned margin) and hard-pruned, the surviving weights keeping the
       values training used (`kernel * soft_mask`; whole units, with
@@ -121,7 +122,7 @@ class SparsityScheduler(keras.callbacks.Callback):
     Args:
         schedule: A `keras_sparse.SparsitySchedule` (`PolynomialDecay`,
             `ConstantSparsity`), in steps, epochs or a fraction of the run,
-            or a float (constant target from step 0).
+            or a float (a `ConstantSparsity` from step 0).
         scope: `"global"` (default) or `"per_layer"`.
         temperature: A schedule of the relative temperature (such as
             `ExponentialTemperature`), for every mask. Defaults, over the
@@ -146,7 +147,8 @@ class SparsityScheduler(keras.callbacks.Callback):
             (a 1% floor at a 99% target leaves an MLP's output layer a few
             weights).
         freeze_at_end: Freeze and hard-prune every mask at
-            `schedule.end_step`. Defaults to `True`.
+            `schedule.end_step` (a schedule without a ramp: when `fit()`
+            ends). Defaults to `True`.
         gain: Feedback gain: how many e-folds `log(penalty)` moves over the
             whole ramp (`end_step - begin_step`, at least 200 steps) per unit
             of log-density error. Defaults to `200`.
@@ -330,8 +332,16 @@ class SparsityScheduler(keras.callbacks.Callback):
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
             self._freeze_at_ramp_end()
 
-    def _ramp_ended(self):
-        return not self.frozen and self.freeze_at_end and self.step >= self._steps.end_step > 0
+    def _ramp_ended(self, fit_ended=False):
+        """Whether the masks freeze now: at the ramp's end step, or, for a schedule without
+        a ramp (`ConstantSparsity`, a float), when `fit()` ends, the feedback having held the
+        target from `begin_step` until then."""
+        if self.frozen or not self.freeze_at_end:
+            return False
+        begin, end = self._steps.begin_step, self._steps.end_step
+        if end > begin:
+            return self.step >= end
+        return fit_ended and self.step > 0 and self.step >= begin
 
     def _freeze_at_ramp_end(self):
         with _host_reads():
@@ -407,7 +417,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             with _host_reads():
                 self._check_finite(logs)  # before any freeze from a non-finite model
         last = self.params and epoch + 1 >= (self.params.get("epochs") or 0)
-        if last and self._masks and self._ramp_ended():
+        if last and self._masks and self._ramp_ended(fit_ended=True):
             # A ramp that ends with the fit: the batch that would freeze it never begins.
             # Frozen here, the last epoch's logs hold the model fit returns (its
             # validation ran before, on the soft mask).
@@ -420,8 +430,9 @@ class SparsityScheduler(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
         self._count_steps()
-        if self._masks and self._ramp_ended():
-            # Stopped by another callback at the ramp's end, or a fit without epochs' end.
+        if self._masks and self._ramp_ended(fit_ended=True):
+            # Stopped by another callback at the ramp's end, or a fit without epochs' end,
+            # or a schedule without a ramp, whose freeze is the fit's end.
             self._freeze_at_ramp_end()
         for mask in self._masks or ():
             mask.driver = None
@@ -705,7 +716,18 @@ class SparsityScheduler(keras.callbacks.Callback):
             if per_weight
             else ""
         )
-        ramp = self._steps.end_step - self._steps.begin_step
+        begin, end = self._steps.begin_step, self._steps.end_step
+        if end > begin:
+            ramp = end - begin
+            followed = f"over its ramp of {ramp} steps"
+            remedy = (
+                "give the ramp more steps (the schedule's end_step, end_epoch or "
+                "end_fraction, or more epochs)"
+            )
+        else:
+            ramp = self.step - begin
+            followed = f"in the {ramp} steps they were driven towards its constant target"
+            remedy = "train for more epochs, or ramp the target with PolynomialDecay"
         short = (
             f", shorter than the {self._ramp_steps()} steps over which the feedback moves the "
             "penalty"
@@ -716,10 +738,9 @@ class SparsityScheduler(keras.callbacks.Callback):
             f"SparsityScheduler: when the schedule ended (step {self.step}) the learned masks "
             f"kept {kept_before:.2%} of the weights, and the freeze cut them to "
             f"{kept_after:.2%} in one step, ranking the weights by margin as one-shot pruning "
-            f"would; accuracy may suffer. The masks did not follow the schedule over its "
-            f"ramp of {ramp} steps{short} (penalty strength {strength:.3g}, "
-            f"max_penalty={self.max_penalty:g}): give the ramp more steps (the schedule's "
-            "end_step, end_epoch or end_fraction, or more epochs), or aim lower." + advice,
+            f"would; accuracy may suffer. The masks did not follow the schedule {followed}"
+            f"{short} (penalty strength {strength:.3g}, max_penalty={self.max_penalty:g}): "
+            f"{remedy}, or aim lower." + advice,
             stacklevel=2,
         )
 

@@ -189,6 +189,9 @@ class SparsitySchedule(_Scheduled):
 class ConstantSparsity(SparsitySchedule):
     """The same target from `begin_step` (or `begin_epoch`, `begin_fraction`) on.
 
+    There is no ramp: `SparsityScheduler` drives the masks towards the target from
+    `begin_step` until `fit()` ends, and freezes them there, exactly at the target.
+
     >>> ConstantSparsity(0.9, begin_step=100)(50), ConstantSparsity(0.9, begin_step=100)(100)
     (0.0, 0.9)
     """

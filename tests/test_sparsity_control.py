@@ -169,6 +169,40 @@ def test_scheduler_drives_per_weight_thresholds_too():
     assert history.history["loss"][-1] < 0.25 * float(np.var(y))
 
 
+class _FrozenAtEpochEnd(keras.callbacks.Callback):
+    """Records, at each epoch's end, whether `scheduler` (earlier in the list) had frozen."""
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.scheduler, self.frozen = scheduler, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.frozen.append(self.scheduler.frozen)
+
+
+@pytest.mark.parametrize(
+    "schedule", [0.6, ks.ConstantSparsity(0.6), ks.ConstantSparsity(0.6, begin_step=16)]
+)
+def test_a_constant_target_is_held_then_frozen_exactly_when_fit_ends(schedule):
+    # A schedule without a ramp has no end step to freeze at: the feedback drives the
+    # masks towards the target from its first step, and the freeze comes with the fit's
+    # end (3 epochs of 16 steps), keeping exactly round(0.4 * 672) = 269 weights.
+    scheduler = ks.SparsityScheduler(schedule)
+    probe = _FrozenAtEpochEnd(scheduler)
+    model, history, (x, y) = fit_with_scheduler(scheduler, epochs=3, callbacks=[probe])
+    assert probe.frozen == [False, False, True]
+    assert sum(nonzero_weights(layer) for layer in ks.sparse_layers(model)) == 269
+    assert history.history["sparsity"][-1] == pytest.approx(1 - 269 / 672)
+
+
+def test_a_constant_target_that_never_began_warns_and_freezes_nothing():
+    scheduler = ks.SparsityScheduler(ks.ConstantSparsity(0.6, begin_step=1000))
+    with pytest.warns(UserWarning, match=r"before the schedule's end \(step 1000"):
+        model, _, _ = fit_with_scheduler(scheduler, epochs=1)
+    assert not scheduler.frozen
+    assert sum(nonzero_weights(layer) for layer in ks.sparse_layers(model)) == 672
+
+
 def test_frozen_model_evaluates_exactly_as_its_effective_weights():
     model, _, (x, _) = fit_with_scheduler(
         ks.SparsityScheduler(ks.PolynomialDecay(0.7, begin_step=0, end_step=100))
@@ -356,6 +390,7 @@ def test_a_mask_at_its_floor_gets_no_penalty(rng):
         scope="per_layer",
         min_density=0.1,
         update_every=1,
+        freeze_at_end=False,  # the penalties after one step, not the freeze at the fit's end
     )
     fit_without_learning(model, scheduler, steps=1)
     # log(penalty) starts at log(1e-3) and moves by gain / ramp (200 / 200) times the
@@ -645,7 +680,9 @@ def test_a_second_fit_resumes_the_step_the_penalty_and_the_weight_scale(rng):
 def test_the_layers_argument_drives_those_layers_only(rng):
     model = two_layer_model(rng)
     wide, narrow = ks.sparse_layers(model)
-    scheduler = ks.SparsityScheduler(ks.ConstantSparsity(0.9, begin_step=0), layers=[wide])
+    scheduler = ks.SparsityScheduler(
+        ks.ConstantSparsity(0.9, begin_step=0), layers=[wide], freeze_at_end=False
+    )
     history = fit_without_learning(model, scheduler, steps=1)
     assert float(to_numpy(wide.sparsity_penalty)) > 0
     assert float(to_numpy(narrow.sparsity_penalty)) == 0.0
