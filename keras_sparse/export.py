@@ -128,7 +128,8 @@ def _sample_inputs(model):
         lambda x: np.zeros(
             [1 if d is None else int(d) for d in x.shape], dtype=x.dtype or "float32"
         ),
-        model.input,
+        # A Sequential's `input` raises until its first call; its one input is known.
+        model.inputs[0] if isinstance(model, keras.Sequential) else model.input,
     )
 
 

@@ -353,6 +353,37 @@ def test_a_model_taking_a_dict_exports_stripped(tmp_path):
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
 
 
+@STRIP
+def test_a_sequential_never_called_exports(tmp_path, strip):
+    # A Sequential loaded from .keras (the command line's only input) has never been
+    # called, and its `input` raises until it is: export's call on zeros must not ask it.
+    if export_problem("onnx"):
+        skip_route(export_problem("onnx"))
+    ort = require("onnxruntime")
+    rng = np.random.default_rng(0)
+    model = sparsify(
+        keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(3)]
+        )
+    )
+    kernels, biases = [], []
+    for layer in sparse_layers(model):
+        layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+        kernel = to_numpy(layer.kernel)
+        layer.reset_threshold(float(np.median(np.abs(kernel))))
+        layer.hard_prune()
+        kernels.append(np.where(np.abs(kernel) >= np.median(np.abs(kernel)), kernel, 0.0))
+        biases.append(to_numpy(layer.bias))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    path = tmp_path / "model.onnx"
+    export_model(loaded, path, "onnx", strip=strip)
+    x = rng.normal(size=(4, 6)).astype("float32")
+    session = ort.InferenceSession(str(path))
+    (served,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(served, _forward(x, kernels, biases), rtol=1e-5, atol=1e-5)
+
+
 def test_export_with_strip_needs_a_sparse_layer(tmp_path):
     inputs = keras.Input((3,))
     dense = keras.Model(inputs, keras.layers.Dense(2)(inputs))
