@@ -222,22 +222,7 @@ def convert_layer(layer, options=None, unit_axes=None, restoring=False):
             masks start frozen; a load then sets them from the file), where
             pruning one is refused.
     """
-    cls = sparse_class_for(type(layer))
-    if cls is None:
-        raise ValueError(f"Layer '{layer.name}' ({type(layer).__name__}) has no sparse version.")
-    if not layer.built:
-        raise ValueError(
-            f"Layer '{layer.name}' is not built: build the model (call it on data, or "
-            "start it with keras.Input) before converting it."
-        )
-    if getattr(layer, "quantization_mode", None) and not restoring:
-        raise ValueError(
-            f"Layer '{layer.name}' is quantized ({layer.quantization_mode!r}): prune the "
-            "float model, then quantize it."
-        )
-    options = check_options(dict(options or {}))
-    if options.granularity == "n:m" and not cls._n_m_supported():
-        MaskOptions.check(n_m_supported=False, **options.get_config())
+    cls, options = check_convertible(layer, options, restoring)
     tracker_was_locked = layer._tracker.locked
     layer._tracker.unlock()
     stock_dict = dict(layer.__dict__)
@@ -269,6 +254,33 @@ def convert_layer(layer, options=None, unit_axes=None, restoring=False):
         if tracker_was_locked:
             layer._tracker.lock()
     return layer
+
+
+def check_convertible(layer, options=None, restoring=False):
+    """`(sparse class, checked options)` for `layer`, or the error `convert_layer(layer,
+    options, restoring=restoring)` would raise, before it changes anything."""
+    if isinstance(layer, SparseKernelMixin):
+        raise ValueError(f"Layer '{layer.name}' ({type(layer).__name__}) is sparse already.")
+    cls = sparse_class_for(type(layer))
+    if cls is None:
+        raise ValueError(f"Layer '{layer.name}' ({type(layer).__name__}) has no sparse version.")
+    if not layer.built:
+        raise ValueError(
+            f"Layer '{layer.name}' is not built: build the model (call it on data, or "
+            "start it with keras.Input) before converting it."
+        )
+    if getattr(layer, "quantization_mode", None) and not restoring:
+        raise ValueError(
+            f"Layer '{layer.name}' is quantized ({layer.quantization_mode!r}): prune the "
+            "float model, then quantize it."
+        )
+    options = check_options(dict(options or {}))
+    if options.granularity == "n:m" and not cls._n_m_supported():
+        try:
+            MaskOptions.check(n_m_supported=False, **options.get_config())
+        except ValueError as error:
+            raise ValueError(f"Layer '{layer.name}' ({type(layer).__name__}): {error}") from None
+    return cls, options
 
 
 def _stock_class_of(cls):

@@ -50,12 +50,12 @@ def _selector(select):
     if select is None:
         return lambda layer: True
     if isinstance(select, str):
-        pattern = re.compile(select)
+        pattern = _compiled(select, select)
         return lambda layer: pattern.search(layer.name) is not None
     if isinstance(select, type):
         select = [select]
     if isinstance(select, (list, tuple)) and select:
-        patterns = [re.compile(p) for p in select if isinstance(p, str)]
+        patterns = [_compiled(p, select) for p in select if isinstance(p, str)]
         classes = tuple(c for c in select if isinstance(c, type))
         if len(patterns) + len(classes) == len(select):
             return lambda layer: (
@@ -68,6 +68,16 @@ def _selector(select):
         "against layer names (or a list of them), layer classes, or a callable "
         f"`predicate(layer) -> bool`. Received: select={select!r}"
     )
+
+
+def _compiled(pattern, select):
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(
+            f"Received an invalid value for `select`: {pattern!r} is not a regular expression "
+            f"({error}). Received: select={select!r}"
+        ) from None
 
 
 def copy_model(model):
@@ -101,8 +111,6 @@ def copy_model(model):
 
 def _why_not(layer):
     """Why `sparsify` cannot convert `layer` (which holds weight matrices)."""
-    if isinstance(layer, SparseKernelMixin):
-        return None
     if getattr(layer, "quantization_mode", None):
         return f"quantized ({layer.quantization_mode})"
     if convert.sparse_class_for(type(layer)) is None:
@@ -159,6 +167,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
             `predicate(layer) -> bool`.
         inplace: Convert `model` itself instead of a copy (as
             `Model.quantize()` does); compile it again before training.
+            Layers that are sparse already (from an earlier call) keep their
+            masks and options, so a second call converts the others.
         **layer_kwargs: Pruning arguments for every converted layer, such as
             `structured=False`, `granularity="neuron"`, `temperature=...`,
             `straight_through=True` (see `SparseLinear`). With
@@ -176,7 +186,8 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     Raises:
         TypeError: `model` is not a Keras model, `select` is of the wrong
             type, or `layer_kwargs` holds an unknown argument.
-        ValueError: no convertible layer matched `select`, a pruning
+        ValueError: no convertible layer matched `select` (or every one
+            it matched is sparse already), a pruning
             argument is invalid, the model is not built, or
             `granularity="head"` met a selected layer without heads.
 
@@ -207,15 +218,24 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     total = sum(matrix_values(layer) for layer in layers)
     holders = [layer for layer in layers if weight_matrices(layer)]
     selected = [layer for layer in holders if predicate(layer)]
-    chosen = [layer for layer in selected if _why_not(layer) is None]
-    refused = [(layer, _why_not(layer)) for layer in selected if _why_not(layer)]
-    refused = [(layer, why) for layer, why in refused if not isinstance(layer, SparseKernelMixin)]
+    # Layers sparse already (an earlier call's) keep their masks and options.
+    stock = [layer for layer in selected if not isinstance(layer, SparseKernelMixin)]
+    chosen = [layer for layer in stock if _why_not(layer) is None]
+    refused = [(layer, _why_not(layer)) for layer in stock if _why_not(layer)]
     if not chosen:
+        if selected and not stock:
+            raise ValueError(
+                f"Every layer select={select!r} matched in model '{model.name}' is sparse "
+                f"already: there is nothing to convert ({[layer.name for layer in selected]})."
+            )
         names = [layer.name for layer in holders if convert.sparse_class_for(type(layer))]
         raise ValueError(
             f"No convertible layer matched select={select!r} in model '{model.name}' "
             f"(its convertible layers: {names})"
         )
+    for layer in chosen:
+        # Every refusal before the first change: a failed call converts nothing.
+        convert.check_convertible(layer, options)
     for layer in chosen:
         convert.convert_layer(layer, options)
         convert.record_conversion(target, layer, parents, options)

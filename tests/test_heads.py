@@ -180,3 +180,20 @@ def test_sparsify_heads_refuses_a_selection_without_heads_and_changes_nothing():
     sparse = ks.sparsify(model, select=keras.layers.MultiHeadAttention, granularity="head")
     sparse = ks.sparsify(sparse, select="^ffn$", granularity="neuron", inplace=True)
     assert [layer.name for layer in ks.sparse_layers(sparse)] == ["attention_output", "ffn"]
+
+
+def test_a_second_sparsify_with_the_default_select_converts_only_what_is_still_stock(x):
+    # The two-call recipe with `select=None` in the second call: the head-pruned output
+    # projection keeps its one threshold per head, everything else is converted, and the
+    # outputs are the stock model's.
+    model = _stock_model()
+    sparse = ks.sparsify(model, select=keras.layers.MultiHeadAttention, granularity="head")
+    ks.sparsify(sparse, inplace=True)
+    names = [layer.name for layer in ks.sparse_layers(sparse)]
+    assert sorted(names) == sorted(["query", "key", "value", "attention_output", "ffn", "out"])
+    attention = sparse.get_layer("attention")
+    assert tuple(attention._output_dense.threshold.shape) == (HEADS,)
+    assert attention._query_dense.mask_options.granularity == "weight"
+    np.testing.assert_allclose(to_numpy(sparse(x)), to_numpy(model(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="is sparse already: there is nothing to convert"):
+        ks.sparsify(sparse)

@@ -149,6 +149,12 @@ def test_sparsify_refuses_a_select_of_another_kind(select):
         sparsify(_dense_model(), select=select)
 
 
+@pytest.mark.parametrize("select", ["[hidden", ["^logits$", "(hidden"]])
+def test_sparsify_names_a_select_that_is_not_a_regular_expression(select):
+    with pytest.raises(ValueError, match=r"is not a regular expression .*Received: select="):
+        sparsify(_dense_model(), select=select)
+
+
 def test_sparsify_in_place_converts_the_model_itself_and_drops_its_compiled_steps(x):
     dense = _dense_model()
     dense.compile("sgd", "mse")
@@ -747,3 +753,14 @@ def test_layers_left_dense_under_one_name_are_told_apart_by_their_paths():
         model = sparsify(keras.Model(inputs, outputs, name="twice"))
     dense = sparsity_report(model).dense
     assert [(d.class_name, d.params) for d in dense] == [("PReLU", 20), ("PReLU", 20)]
+
+
+def test_sparsify_refusing_one_layer_converts_none_in_place():
+    # N:M needs a reduction axis, which an Embedding's table has not: the refusal names
+    # the layer, and comes before the Dense beside it is converted.
+    inputs = keras.Input((5,), dtype="int32")
+    outputs = keras.layers.Dense(4, name="dense")(keras.layers.Embedding(10, 8, name="emb")(inputs))
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(ValueError, match=r"Layer 'emb' \(Embedding\).*granularity='n:m'"):
+        sparsify(model, inplace=True, granularity="n:m", n_m=(2, 4))
+    assert [type(layer).__name__ for layer in model.layers[1:]] == ["Embedding", "Dense"]
