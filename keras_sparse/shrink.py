@@ -20,7 +20,7 @@ from keras.src.ops.numpy import Add as _SymbolicAdd  # `x + y` on Keras tensors
 
 from keras_sparse.host import to_numpy
 from keras_sparse.transforms import _strip
-from keras_sparse.walk import walk
+from keras_sparse.walk import sparse_layers, walk
 
 
 def _check_model(model, caller):
@@ -929,11 +929,32 @@ def shrink(model):
     order = {layer.name: i for i, layer in enumerate(stripped.layers)}
     rows.sort(key=lambda row: order[row.name])
     _warn_about_nested_dead_units(stripped, set(heads))
-    return ShrinkResult(
+    result = ShrinkResult(
         model=new_model,
         layers=tuple(rows),
         params_before=int(stripped.count_params()),
         params_after=int(new_model.count_params()),
         flops_before=flops_before if kernel_layers or heads else None,
         flops_after=flops_after if kernel_layers or heads else None,
+    )
+    _warn_if_single_weights_left_nothing(model, result)
+    return result
+
+
+def _warn_if_single_weights_left_nothing(model, result):
+    """A model whose masks all prune single weights rarely has a whole dead unit: when
+    nothing went, say what shrink needs, and what serves such zeros instead."""
+    masked = sparse_layers(model)
+    if result.params_after < result.params_before or not masked:
+        return
+    if any(layer.mask_options.granularity == "neuron" for layer in masked):
+        return
+    kinds = sorted({repr(layer.mask_options.granularity) for layer in masked})
+    warnings.warn(
+        "shrink() removed nothing: it removes whole units (neurons, filters, heads) whose "
+        f"weights are all zero, and every sparse layer of model '{model.name}' prunes single "
+        f"weights (granularity={' or '.join(kinds)}), which leaves units alive. Sparsify "
+        "with granularity='neuron' (or 'head' for attention) to prune units shrink can "
+        "remove; strip() serves single-weight zeros.",
+        stacklevel=3,
     )

@@ -342,7 +342,10 @@ def strip(model):
     `ReversibleEmbedding`), with the same configuration and with each
     kernel equal to the layer's `effective_weight()` (the kernel times the
     hard mask: pruned weights are exactly zero). Thresholds, masks,
-    temperatures and penalties are dropped. The model keeps its class.
+    temperatures and penalties are dropped. The model keeps its class. A
+    layer with LoRA enabled gets its dense low-rank update merged into the
+    kernel, as Keras merges it when saving, so its kernel keeps no zeros
+    (with a warning).
 
     The result holds no keras-sparse class: it saves to `.keras` and loads
     where `keras_sparse` is not installed, and exports like any Keras model.
@@ -386,6 +389,19 @@ def _strip(model, require_sparse):
         )
     for source, target in zip(sources, targets):
         convert.copy_stock_weights(source, target)
+    merged = [
+        layer.name
+        for layer in sources
+        if isinstance(layer, SparseKernelMixin) and getattr(layer, "lora_enabled", False)
+    ]
+    if merged:
+        warnings.warn(
+            f"strip() merged the dense LoRA update of {len(merged)} layer(s) into their "
+            f"kernels, which therefore keep no pruned zeros: {', '.join(merged[:10])}"
+            f"{' and more' if len(merged) > 10 else ''}. The stripped model serves the "
+            "same outputs, at the dense size. To ship sparse kernels, prune without LoRA.",
+            stacklevel=3,
+        )
     return stripped
 
 

@@ -121,7 +121,8 @@ def test_strip_merges_the_lora_update_and_the_file_keeps_it(rng, tmp_path):
     layer = lora_layer(rng, model.layers[1])
     x = rng.normal(size=(4, 8)).astype("float32")
     expected = to_numpy(model.predict(x, verbose=0))
-    stripped = ks.strip(model)
+    with pytest.warns(UserWarning, match=rf"merged the dense LoRA update .*: {layer.name}\."):
+        stripped = ks.strip(model)
     merged = stripped.layers[1]
     assert type(merged) is keras.layers.Dense and not merged.lora_enabled
     kernel = to_numpy(layer._kernel)

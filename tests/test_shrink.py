@@ -1,5 +1,7 @@
 """`shrink`: dead neurons are sliced out, outputs stay, unsafe removals are refused, with why."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -267,3 +269,31 @@ def test_subclassed_models_and_non_models_are_refused():
         shrink(Net())
     with pytest.raises(TypeError, match="expects a Keras model"):
         shrink(keras.layers.Dense(2))
+
+
+@pytest.mark.parametrize("granularity, warns", [("weight", True), ("neuron", False)])
+def test_a_model_pruning_single_weights_that_shrinks_by_nothing_says_what_shrink_needs(
+    granularity, warns
+):
+    model = _randomize(
+        keras.Sequential(
+            [
+                keras.Input((8,)),
+                SparseLinear(6, activation="relu", granularity=granularity, name="hidden"),
+                keras.layers.Dense(2, name="out"),
+            ]
+        )
+    )
+    # Each unit's threshold at its weights' median magnitude: half of every unit's
+    # weights go, and no unit dies whole (a unit's RMS is above its median magnitude).
+    for layer in sparse_layers(model):
+        layer.reset_threshold(np.median(np.abs(to_numpy(layer.kernel)), axis=0))
+        layer.hard_prune()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = shrink(model)
+    said = [str(w.message) for w in caught if "removed nothing" in str(w.message)]
+    assert result.params_after == result.params_before
+    assert len(said) == int(warns)
+    if warns:
+        assert "granularity='weight'" in said[0] and "granularity='neuron'" in said[0]
