@@ -86,6 +86,13 @@ def parse_args(argv=None):
         default=None,
         help="the driver's update_every (default: SparsityScheduler's)",
     )
+    parser.add_argument(
+        "--layer-densities",
+        default=None,
+        metavar="D1,D2,D3",
+        help="sparse_linear: hold each layer to this density with a scheduler of its own, "
+        "instead of the global split the penalty learns (the targets are then ignored)",
+    )
     add_recipe_shape_arguments(parser)
     add_ablation_arguments(parser)
     add_initial_weights_arguments(parser)
@@ -142,13 +149,14 @@ def compile_model(model, args=None):
     )
 
 
-def driver(schedule, args, end_step):
+def driver(schedule, args, end_step, layers=None):
     import keras_sparse as ks
 
     given = {
         "min_density": args.min_density,
         "update_every": args.update_every,
         "gain": args.gain,
+        "layers": layers,
     }
     given["temperature"] = temperature_schedule(args, end_step)
     return ks.SparsityScheduler(schedule, **{k: v for k, v in given.items() if v is not None})
@@ -183,14 +191,23 @@ def run_one(method, target, seed, args, data):
         start_thresholds(model, args)
         compile_model(model, args)
         end_step = int(args.end_fraction * total_steps)
-        schedule = ks.PolynomialDecay(
-            target,
-            begin_step=int(args.begin_fraction * total_steps),
-            end_step=end_step,
-            power=args.power,
-        )
-        scheduler = driver(schedule, args, end_step)
-        model.fit(epochs=args.epochs, callbacks=[scheduler], **fit)
+
+        def ramp(to):
+            begin = int(args.begin_fraction * total_steps)
+            return ks.PolynomialDecay(to, begin_step=begin, end_step=end_step, power=args.power)
+
+        if args.layer_densities:
+            # Each layer held to its own density by a scheduler of its own: the split
+            # between the layers given, not learned (the target is then theirs).
+            densities = [float(d) for d in args.layer_densities.split(",")]
+            layers = ks.sparse_layers(model)
+            schedulers = [
+                driver(ramp(1.0 - density), args, end_step, layers=[layer])
+                for density, layer in zip(densities, layers, strict=True)
+            ]
+        else:
+            schedulers = [driver(ramp(target), args, end_step)]
+        model.fit(epochs=args.epochs, callbacks=schedulers, **fit)
         evaluated = model.evaluate(x_test, y_test, verbose=0)[1]
         final = ks.strip(model)
         compile_model(final)
