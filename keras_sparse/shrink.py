@@ -510,8 +510,9 @@ class ShrinkResult:
         flops = (
             f"FLOPs per example {self.flops_before} -> {self.flops_after}"
             if self.flops_before is not None
-            else "FLOPs not counted (shrink counts those of the layers it resizes at the "
-            "model's top level, and there are none)"
+            else "FLOPs not counted (shrink counts those of the kernel layers it follows at "
+            "the model's top level, and it follows none here: they are nested, shared, or "
+            "of a kind it does not resize)"
         )
         lines.append(f"params {self.params_before} -> {self.params_after}, {flops}")
         return "\n".join(lines)
@@ -715,9 +716,11 @@ def shrink(model):
 
     Returns:
         A `ShrinkResult`: `.model` (the new model), `.layers` (one
-        `LayerShrink` per top-level kernel layer: units and inputs before and
-        after, dead units kept and why), `.params_before/after` and
-        `.flops_before/after`; `print(result)` shows a table.
+        `LayerShrink` per top-level kernel layer shrink follows, and one per
+        other layer holding dead units, such as a shared or nested one: units
+        and inputs before and after, dead units kept and why),
+        `.params_before/after` and `.flops_before/after`; `print(result)`
+        shows a table.
 
     Raises:
         TypeError: `model` is not a Keras model.
