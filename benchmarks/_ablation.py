@@ -149,6 +149,22 @@ def add_recipe_shape_arguments(parser):
         "layer's initial kernel per unit of Adam's step (scale-free thresholds; default: "
         "the model's learning rate, the same absolute step in every layer)",
     )
+    parser.add_argument(
+        "--per-weight-layers",
+        default="",
+        metavar="NAMES",
+        help="a threshold per weight (structured=False) in these layers only, comma-separated "
+        "(such as out: the classifier)",
+    )
+    parser.add_argument(
+        "--price-by-scale",
+        type=float,
+        default=None,
+        metavar="P",
+        help="price each layer's weights, in the global penalty, in proportion to its "
+        "weight scale (the kernel's standard deviation when driving started) to the power P "
+        "(default: every weight alike, P=0)",
+    )
     return parser
 
 
@@ -201,6 +217,21 @@ def mask_options(args):
     return options
 
 
+def sparse_layer(cls, args):
+    """`cls` (`SparseLinear`, `SparseConv2D`) with `mask_options(args)`, and a threshold per
+    weight in the layers `--per-weight-layers` names."""
+    options = mask_options(args)
+    per_weight = {name for name in getattr(args, "per_weight_layers", "").split(",") if name}
+
+    def build(*positional, name=None, **kwargs):
+        layer_options = dict(options)
+        if name in per_weight:
+            layer_options["structured"] = False
+        return cls(*positional, name=name, **layer_options, **kwargs)
+
+    return build
+
+
 def apply_penalty_target(args):
     """With `--penalty-on`, make every sparse layer's penalty gradient reach what the flag
     says, for this process, whatever the library does for the layer's granularity.
@@ -242,6 +273,32 @@ def apply_penalty_target(args):
 
     mask_module.KernelMask._fused_training = fused_training
     mask_module.KernelMask._penalised_mask = penalised_mask
+
+
+def apply_penalty_price(args):
+    """With `--price-by-scale P`, make the global penalty's share of each mask its size
+    times its weight scale to the power P (renormalised), for this process.
+
+    An ablation's patch, not a library option: the library prices every weight alike.
+    """
+    power = getattr(args, "price_by_scale", None)
+    if power is None:
+        return
+    from keras import ops
+
+    from keras_sparse.callbacks import SparsityScheduler
+
+    library_shares = SparsityScheduler._penalty_shares
+
+    def penalty_shares(self, group):
+        shares = library_shares(self, group)
+        if self.scope != "global":
+            return shares
+        scales = ops.stack([m.state("weight_scale") for m in group])
+        priced = shares * ops.power(scales, power)
+        return priced / ops.sum(priced)
+
+    SparsityScheduler._penalty_shares = penalty_shares
 
 
 def start_thresholds(model, args):

@@ -28,7 +28,6 @@ JSON files into a Markdown table and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -44,14 +43,15 @@ from _ablation import (
     add_data_argument,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
+    apply_penalty_price,
     apply_penalty_target,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
-    mask_options,
     recorded_config,
     resolve_end_fraction,
     save_initial_weights,
+    sparse_layer,
     start_thresholds,
     temperature_schedule,
     training_inputs,
@@ -185,7 +185,8 @@ def run_one(method, target, seed, args, data):
         final = model
     elif method == "sparse_linear":
         apply_penalty_target(args)
-        model = lenet(functools.partial(ks.SparseLinear, **mask_options(args)))
+        apply_penalty_price(args)
+        model = lenet(sparse_layer(ks.SparseLinear, args))
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
         start_thresholds(model, args)
@@ -213,6 +214,7 @@ def run_one(method, target, seed, args, data):
         compile_model(final)
     elif method == "sparse_linear_neuron":
         apply_penalty_target(args)
+        apply_penalty_price(args)
         model = lenet(neuron_layer)
         compile_model(model)
         end_step = int(args.end_fraction * total_steps)

@@ -41,14 +41,15 @@ from _ablation import (
     add_batch_order_argument,
     add_initial_weights_arguments,
     add_recipe_shape_arguments,
+    apply_penalty_price,
     apply_penalty_target,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
-    mask_options,
     recorded_config,
     resolve_end_fraction,
     save_initial_weights,
+    sparse_layer,
     start_thresholds,
     temperature_schedule,
     training_inputs,
@@ -116,6 +117,8 @@ def recipe(args):
         "threshold_start": args.threshold_start,
         "threshold_lr": args.threshold_lr,
         "penalty_on": args.penalty_on,
+        "price_by_scale": args.price_by_scale,
+        "per_weight_layers": args.per_weight_layers,
         "init_from": args.init_from,
         "validation": args.validation,
         "fold": args.fold,
@@ -194,11 +197,9 @@ def run_one(method, target, seed, args, data):
         evaluated = None
     elif method == "sparse":
         apply_penalty_target(args)
-        options = mask_options(args)
+        apply_penalty_price(args)
         model = lenet5(
-            functools.partial(ks.SparseConv2D, **options),
-            functools.partial(ks.SparseLinear, **options),
-            keras,
+            sparse_layer(ks.SparseConv2D, args), sparse_layer(ks.SparseLinear, args), keras
         )
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
@@ -223,6 +224,7 @@ def run_one(method, target, seed, args, data):
         # Whole channels and neurons: `target` of each of conv1, conv2, fc1 and fc2 (the
         # classes stay), then `shrink` removes them.
         apply_penalty_target(args)
+        apply_penalty_price(args)
         model = lenet5(
             functools.partial(ks.SparseConv2D, granularity="neuron"),
             lambda units, name, **kw: (

@@ -663,11 +663,22 @@ class SparsityScheduler(keras.callbacks.Callback):
         # penalty would still prune.
         pushing = ops.logical_and(target > 0, error > 0)
         strength = ops.where(pushing, ops.exp(log_penalty), 0.0)
-        shares = sizes / sizes.sum() if self.scope == "global" else np.ones(len(group))
         # A mask at its floor gets no penalty.
         above_floor = ops.cast(densities > self.min_density, "float32")
-        penalties = strength * ops.convert_to_tensor(shares.astype("float32")) * above_floor
+        penalties = strength * self._penalty_shares(group) * above_floor
         return log_penalty, tuple(penalties[i] for i in range(len(group)))
+
+    def _penalty_shares(self, group):
+        """Each member's share of the penalty's strength, a tensor.
+
+        Global scope: in proportion to the mask's size, so that every weight of
+        the model is priced alike (`sparsity_penalty * mean(mask)` then sums to
+        `strength * sum(mask) / total`); per layer, each mask's whole strength.
+        """
+        if self.scope != "global":
+            return ops.ones((len(group),), "float32")
+        sizes = np.array([m.size for m in group], dtype="float64")
+        return ops.convert_to_tensor((sizes / sizes.sum()).astype("float32"))
 
     # --------------------------------------------------------------- freeze
 
