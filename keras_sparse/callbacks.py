@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from keras_sparse.host import to_numpy
-from keras_sparse.mask import STATE_FIELDS
+from keras_sparse.mask import STATE_FIELDS, check_bool
 from keras_sparse.programs import Program
 from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, SparsitySchedule
 from keras_sparse.walk import display_names, sparse_layers
@@ -252,12 +252,8 @@ class SparsityScheduler(keras.callbacks.Callback):
                     f"Received an invalid value for `{name}`, expected {expected}. "
                     f"Received: {name}={value!r}"
                 )
-        for name, value in (("freeze_at_end", freeze_at_end), ("resume", resume)):
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(
-                    f"Received an invalid value for `{name}`, expected a bool. "
-                    f"Received: {name}={value!r}"
-                )
+        check_bool("freeze_at_end", freeze_at_end)
+        check_bool("resume", resume)
         self.schedule = schedule
         self.scope = scope
         self.temperature_schedule = temperature
@@ -795,7 +791,7 @@ class SparsityScheduler(keras.callbacks.Callback):
                     # weights it removes. Whole units (neurons, filters, heads) keep
                     # their raw weights: scaling each by its unit's soft mask cost
                     # accuracy. The pruning guide measures both.
-                    mask.kernel.assign(mask.trained_kernel(ops.convert_to_tensor(mask.kernel)))
+                    mask.kernel.assign(mask.trained_kernel(mask.kernel_value()))
                 mask.prune_mask.assign(ops.logical_and(mask.prune_mask, keep))
                 mask.threshold.assign(ops.zeros(mask.threshold.shape))
                 mask.assign_hard_pruned()
@@ -888,12 +884,12 @@ def _steps_run_as_python(model):
 
 def _penalty_term(mask):
     """The penalty this mask adds to the loss, `sparsity_penalty * mean(soft mask)`, now."""
-    return mask.sparsity_penalty * ops.mean(mask.soft(mask.kernel))
+    return mask.sparsity_penalty * ops.mean(mask.soft(mask.kernel_value()))
 
 
 def _alive_std(mask):
     """Standard deviation of the weights that are not pruned (0 if there are none)."""
-    kernel = ops.convert_to_tensor(mask.kernel)
+    kernel = mask.kernel_value()
     alive = ops.cast(mask.prune_mask, "float32")
     count = ops.maximum(ops.sum(alive), 1.0)
     mean = ops.sum(kernel * alive) / count
@@ -914,7 +910,7 @@ def _candidates(mask):
     """
     from keras_sparse.granularity import n_m_keep, neuron_scores
 
-    kernel = ops.convert_to_tensor(mask.kernel)
+    kernel = mask.kernel_value()
     threshold = mask._broadcast(ops.convert_to_tensor(mask.threshold))
     scale = mask.state("weight_scale")
     alive = ops.convert_to_tensor(mask.prune_mask)

@@ -253,6 +253,11 @@ def convert_layer(layer, options=None, unit_axes=None, restoring=False):
     finally:
         if tracker_was_locked:
             layer._tracker.lock()
+    for mask in layer._kernel_masks.values():
+        # A stock kernel autocasts to the compute dtype inside `call` (a mixed
+        # policy's float16); a sparse layer's is read in float32, where its mask is
+        # computed, and only the masked kernel is cast (`SparseKernelMixin.add_weight`).
+        mask.kernel._autocast = False
     return layer
 
 

@@ -33,7 +33,13 @@ import keras
 import numpy as np
 
 from keras_sparse.host import to_numpy
-from keras_sparse.mask import DEFAULT_RELATIVE_TEMPERATURE, STATE_FIELDS, KernelMask, MaskOptions
+from keras_sparse.mask import (
+    DEFAULT_RELATIVE_TEMPERATURE,
+    STATE_FIELDS,
+    KernelMask,
+    MaskOptions,
+    check_bool,
+)
 
 __all__ = [
     "DEFAULT_RELATIVE_TEMPERATURE",
@@ -752,7 +758,7 @@ class SparseLinear(SparseKernelMixin, keras.layers.Dense):
         super().__init__(
             int(units),
             activation=activation,
-            use_bias=_check_bool_argument("use_bias", use_bias),
+            use_bias=check_bool("use_bias", use_bias),
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
             kernel_regularizer=kernel_regularizer,
@@ -833,14 +839,6 @@ class SparseLinear(SparseKernelMixin, keras.layers.Dense):
     def out_features(self):
         """Size of each output sample (`units`)."""
         return self.units
-
-
-def _check_bool_argument(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"Received an invalid value for `{name}`, expected a bool. Received: {name}={value!r}"
-        )
-    return bool(value)
 
 
 SparseDense = SparseLinear

@@ -84,7 +84,8 @@ def check_temperature(value):
     return as_float
 
 
-def _check_bool(name, value):
+def check_bool(name, value):
+    """`value` as a bool, or a TypeError naming the argument `name`."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
             f"Received an invalid value for `{name}`, expected a bool. Received: {name}={value!r}"
@@ -110,8 +111,8 @@ class MaskOptions:
     def check(cls, n_m_supported=True, **arguments):
         """Validated options, or a clear error naming the argument and its value."""
         options = cls(**arguments)
-        structured = _check_bool("structured", options.structured)
-        straight_through = _check_bool("straight_through", options.straight_through)
+        structured = check_bool("structured", options.structured)
+        straight_through = check_bool("straight_through", options.straight_through)
         temperature = options.temperature
         if temperature is not None:
             temperature = check_temperature(temperature)
@@ -132,7 +133,9 @@ class MaskOptions:
         if granularity not in GRANULARITIES:
             raise ValueError(
                 "Received an invalid value for `granularity`, expected one of "
-                f"{GRANULARITIES}. Received: granularity={granularity!r}"
+                f"{GRANULARITIES}, or 'head' for attention layers "
+                "(`sparsify(model, select=keras.layers.MultiHeadAttention, granularity='head')`)."
+                f" Received: granularity={granularity!r}"
             )
         if granularity != "weight" and not structured:
             raise ValueError(
@@ -646,6 +649,18 @@ class KernelMask:
             self.sparsity_state,
         ]
 
+    def kernel_value(self):
+        """The kernel's value in float32, where the mask is computed.
+
+        A stock layer built under a half-precision policy (`"bfloat16"`) holds
+        its kernel in that dtype; a sparse layer's own are float32
+        (`SparseKernelMixin.add_weight`).
+        """
+        value = self.kernel.value
+        if keras.backend.standardize_dtype(value.dtype) != "float32":
+            value = ops.cast(value, "float32")
+        return value
+
     def state(self, field):
         """One field of `sparsity_state` (a scalar tensor)."""
         return self.sparsity_state[STATE_FIELDS.index(field)]
@@ -653,7 +668,7 @@ class KernelMask:
     def scale_free_temperature(self, relative_temperature, initializer=None):
         """`relative_temperature / std(kernel)`: one sharpness for every weight scale."""
         try:
-            std = float(to_numpy(ops.std(self.kernel.value)))
+            std = float(to_numpy(ops.std(self.kernel_value())))
         except Exception:
             # Built inside a traced function (e.g. `fit` on a model without
             # `keras.Input`): the kernel has no value yet. Use the spread its
@@ -777,7 +792,7 @@ class KernelMask:
         Inference: `kernel * hard_mask` (or the soft mask with
         `inference_mask="soft"`), or the kernel itself after `hard_prune()`.
         """
-        kernel = self.kernel.value
+        kernel = self.kernel_value()
         if training:
             self._start_training()
             if self.frozen:
@@ -888,7 +903,7 @@ class KernelMask:
         A sum, not `ops.count_nonzero`: Keras's PyTorch version of that warns
         (it transposes a 0-d tensor).
         """
-        kernel = self.kernel.value if kernel is None else kernel
+        kernel = self.kernel_value() if kernel is None else kernel
         keep = self.keep(kernel)
         if _eager_torch():  # the bytes as uint8: see `_float_mask`
             import torch
@@ -901,7 +916,7 @@ class KernelMask:
         return int(to_numpy(self._program("alive_units", self._count_units)()))
 
     def _count_units(self):
-        keep = self.keep(self.kernel.value)
+        keep = self.keep(self.kernel_value())
         if self.reduce_axes:
             keep = ops.any(keep, axis=self.reduce_axes)
         return ops.sum(ops.cast(keep, "int32"))
@@ -911,7 +926,7 @@ class KernelMask:
 
     def effective_weight(self):
         """`kernel * hard_mask`, the kernel's shape; the layer is unchanged."""
-        kernel = self.kernel.value
+        kernel = self.kernel_value()
         return kernel * self.hard(kernel)
 
     def hard_prune(self):
@@ -925,7 +940,7 @@ class KernelMask:
 
     def assign_hard_pruned(self):
         """`hard_prune()`'s writes to the variables alone (a `Program` may run them)."""
-        keep = self.keep(self.kernel.value)
+        keep = self.keep(self.kernel_value())
         self.kernel.assign(ops.where(keep, self.kernel.value, 0.0))
         self.prune_mask.assign(keep)
         self.threshold.assign(ops.zeros(self.threshold.shape))

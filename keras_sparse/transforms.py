@@ -24,6 +24,7 @@ import keras
 
 from keras_sparse import convert
 from keras_sparse.layers import SparseKernelMixin
+from keras_sparse.mask import check_bool
 from keras_sparse.walk import (
     dense_values,
     display_names,
@@ -201,6 +202,7 @@ def sparsify(model, select=None, *, inplace=False, **layer_kwargs):
     ```
     """
     _check_model(model, "sparsify")
+    check_bool("inplace", inplace)
     predicate = _selector(select)
     if layer_kwargs.get("granularity") == "head":
         return _sparsify_heads(model, select, predicate, inplace, layer_kwargs)

@@ -1,10 +1,11 @@
 """Bad input gets an error naming the argument and the value; nothing changes."""
 
+import keras
 import numpy as np
 import pytest
 from backend_utils import to_numpy
 
-from keras_sparse import SparseLinear
+from keras_sparse import SparseLinear, sparsify
 
 
 @pytest.mark.parametrize("units", [0, -3, 2.5, "8", True, None])
@@ -110,3 +111,9 @@ def test_a_bool_is_not_a_temperature():
 def test_head_granularity_points_to_the_attention_layer():
     with pytest.raises(ValueError, match=r"SparseMultiHeadAttention.*granularity='head'"):
         SparseLinear(4, granularity="head")
+
+
+def test_an_unknown_granularity_lists_head_beside_the_others():
+    # 'head' is a granularity of sparsify and of the attention layers: a typo's error names it.
+    with pytest.raises(ValueError, match=r"'n:m'\), or 'head' for attention.*granularity='heads'"):
+        sparsify(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), granularity="heads")

@@ -12,7 +12,9 @@ from backend_utils import to_numpy
 
 from keras_sparse import (
     DEFAULT_RELATIVE_TEMPERATURE,
+    PolynomialDecay,
     SparseLinear,
+    SparsityScheduler,
     sparse_layers,
     sparsify,
     sparsity_report,
@@ -164,6 +166,14 @@ def test_sparsify_in_place_converts_the_model_itself_and_drops_its_compiled_step
     assert result is dense
     assert [type(layer).__name__ for layer in dense.layers[1:]] == ["SparseLinear"] * 2
     assert dense.train_function is None and dense.predict_function is None
+
+
+@pytest.mark.parametrize("inplace", ["no", 0, None])
+def test_sparsify_refuses_an_inplace_that_is_not_a_bool_and_leaves_the_model(inplace):
+    dense = _dense_model()
+    with pytest.raises(TypeError, match=f"expected a bool. Received: inplace={inplace!r}"):
+        sparsify(dense, inplace=inplace)
+    assert [type(layer).__name__ for layer in dense.layers[1:]] == ["Dense"] * 2
 
 
 def test_sparsify_and_strip_return_models_that_are_not_compiled(x):
@@ -424,6 +434,61 @@ def test_sparsify_refuses_a_model_that_is_not_built():
 
     with pytest.raises(ValueError, match="'net' is not built"):
         sparsify(Net())
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_a_model_built_under_mixed_precision_is_masked_in_float32(policy):
+    # The stock kernels autocast to the compute dtype inside `call`; once sparse they are
+    # read in float32, as a sparse layer's own: the mask of a weight that rounds below its
+    # threshold in half precision keeps it, as `num_active` counts, and the penalty is the
+    # float32 formula. Read in half precision, TensorFlow refused the float32 threshold.
+    keras.config.set_dtype_policy(policy)
+    inputs = keras.Input((2,))
+    outputs = keras.layers.Dense(2, use_bias=False, name="fc")(inputs)
+    model = sparsify(keras.Model(inputs, outputs), temperature=10.0 / 3.0)
+    layer = model.get_layer("fc")
+    # 0.3011 rounds to 0.30078125 in bfloat16 and to 0.30102539 in float16, both below
+    # its threshold 0.30106.
+    kernel = np.array([[0.3011, 1.0], [0.5, -2.0]], "float32")
+    threshold = np.array([0.30106, 0.1], "float32")
+    layer.kernel.assign(kernel)
+    layer.reset_threshold(threshold)
+    x = np.eye(2, dtype="float32")
+    assert layer.num_active() == 4
+    served = to_numpy(keras.ops.cast(model(x), "float32"))
+    hard = np.abs(kernel) >= threshold
+    np.testing.assert_allclose(served, kernel * hard, rtol=1e-2)
+    assert np.count_nonzero(served) == layer.num_active()
+    layer.sparsity_penalty.assign(1.0 / 3.0)
+    layer(x, training=True)
+    soft = 1.0 / (1.0 + np.exp(-(np.abs(kernel.astype("float64")) - threshold) * 10.0 / 3.0))
+    assert float(to_numpy(sum(layer.losses))) == pytest.approx(soft.mean() / 3.0, rel=1e-5)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, x, epochs=1, verbose=0)  # TensorFlow's train step ran the mask too
+
+
+def test_a_model_built_under_a_half_precision_policy_trains_to_its_target_and_strips():
+    # Its stock kernels are bfloat16 (no float32 copy): the mask is computed from their
+    # float32 value, as a sparse layer's own float32 kernel. TensorFlow refused the mix.
+    keras.config.set_dtype_policy("bfloat16")
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    model = sparsify(keras.Model(inputs, keras.layers.Dense(4, name="logits")(hidden)))
+    assert model.get_layer("hidden").kernel.dtype == "bfloat16"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = rng.normal(size=(64, 4)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    schedule = PolynomialDecay(0.5, begin_step=0, end_step=12)
+    model.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[SparsityScheduler(schedule)])
+    kernels = {layer.name: to_numpy(layer.effective_weight()) for layer in sparse_layers(model)}
+    assert sum(np.count_nonzero(k) for k in kernels.values()) == (8 * 16 + 16 * 4) // 2
+    served = to_numpy(keras.ops.cast(model(x), "float32"))
+    stripped = strip(model)
+    for name, kernel in kernels.items():
+        np.testing.assert_array_equal(to_numpy(stripped.get_layer(name).kernel), kernel)
+    again = to_numpy(keras.ops.cast(stripped(x), "float32"))
+    np.testing.assert_array_equal(again, served)
 
 
 def test_sparsify_passes_layer_kwargs_to_every_layer():
