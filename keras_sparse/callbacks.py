@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 
 from keras_sparse.host import to_numpy
+from keras_sparse.layers import SparseKernelMixin
 from keras_sparse.mask import STATE_FIELDS, check_bool
 from keras_sparse.programs import Program
 from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, SparsitySchedule
@@ -254,6 +255,20 @@ class SparsityScheduler(keras.callbacks.Callback):
                 )
         check_bool("freeze_at_end", freeze_at_end)
         check_bool("resume", resume)
+        if temperature is not None and not callable(temperature):
+            raise TypeError(
+                "Received an invalid value for `temperature`, expected None or a schedule of "
+                "the relative temperature by step (such as ExponentialTemperature(5, 200)). "
+                f"Received: temperature={temperature!r}"
+            )
+        if layers is not None:
+            given = list(layers) if isinstance(layers, (list, tuple)) else None
+            if not given or not all(isinstance(x, SparseKernelMixin) for x in given):
+                raise TypeError(
+                    "Received an invalid value for `layers`, expected a non-empty list of "
+                    "sparse layers (such as `[model.get_layer('fc1')]`, or "
+                    f"`keras_sparse.sparse_layers(model)`). Received: layers={layers!r}"
+                )
         self.schedule = schedule
         self.scope = scope
         self.temperature_schedule = temperature
@@ -477,6 +492,8 @@ class SparsityScheduler(keras.callbacks.Callback):
                 mask.frozen = False
         self.step = int(states[0][_STEP])
         self.frozen = bool(states[0][_FROZEN] > 0)
+        if self.frozen:
+            self._warn_if_frozen_below_target()
         for mask in self._masks:
             mask.frozen = self.frozen
         spreads, active = self._measure(
@@ -522,6 +539,20 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._program("hard_prune", lambda: [m.assign_hard_pruned() for m in self._masks])()
         for mask in self._masks:
             mask.mark_hard_pruned()
+
+    def _warn_if_frozen_below_target(self):
+        """A resumed schedule whose masks are frozen below its target cannot prune further."""
+        kept = sum(mask.num_active() for mask in self._masks)
+        sparsity = 1.0 - kept / sum(mask.size for mask in self._masks)
+        target = self._steps.final_sparsity
+        if target > sparsity + 1e-3:
+            warnings.warn(
+                f"SparsityScheduler: the masks are frozen (a finished schedule, or a quantized "
+                f"layer) at sparsity {sparsity:.4f}, below this schedule's target {target:.4f}, "
+                "and a frozen mask does not change: this fit fine-tunes the survivors only. "
+                "Pass resume=False to start a new schedule from the masks as they are.",
+                stacklevel=3,
+            )
 
     def _retrace(self):
         # The driver, and the freeze, change what a training step computes.

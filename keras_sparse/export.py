@@ -58,7 +58,8 @@ import keras
 import numpy as np
 
 from keras_sparse.host import to_numpy
-from keras_sparse.transforms import _strip
+from keras_sparse.mask import check_bool
+from keras_sparse.transforms import _check_model, _strip
 from keras_sparse.walk import walk, weight_matrices
 
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "litert")
@@ -163,6 +164,8 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
             `SparseLinear`.
     """
     # The model is checked before the tools: its error is the user's to fix.
+    _check_model(model, "export_model")
+    check_bool("strip", strip)
     target = _strip(model, require_sparse=True) if strip else model
     problem = export_problem(format)
     if problem:

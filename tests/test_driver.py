@@ -598,3 +598,22 @@ def test_the_driver_leaves_a_model_without_it_untouched():
     after = [to_numpy(mask.sparsity_state) for mask in ks.kernel_masks(m)]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_new_target_on_frozen_masks_warns_and_resume_false_reaches_it():
+    # A finished schedule froze the masks at 50%; a second scheduler aiming at 80% would
+    # log its target every epoch and prune nothing (a new-user trial): it says so.
+    m = compiled(model())
+    fit(m, ks.SparsityScheduler(ks.PolynomialDecay(0.5, end_step=4 * STEPS_PER_EPOCH)), epochs=5)
+    higher = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH))
+    with pytest.warns(UserWarning, match=r"frozen .* at sparsity 0\.5000, below .* 0\.8000"):
+        fit(m, higher, epochs=1)
+    assert higher.statistics()["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    again = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH), resume=False
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(m, again, epochs=5)
+    assert not [w for w in caught if "are frozen" in str(w.message)]
+    assert again.statistics()["sparsity"] == pytest.approx(0.8, abs=1e-3)

@@ -117,3 +117,36 @@ def test_an_unknown_granularity_lists_head_beside_the_others():
     # 'head' is a granularity of sparsify and of the attention layers: a typo's error names it.
     with pytest.raises(ValueError, match=r"'n:m'\), or 'head' for attention.*granularity='heads'"):
         sparsify(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), granularity="heads")
+
+
+@pytest.mark.parametrize("strip", ["yes", "no", 1])
+def test_export_model_refuses_a_strip_that_is_not_a_bool_and_writes_nothing(tmp_path, strip):
+    from keras_sparse import export_model
+
+    model = sparsify(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
+    path = tmp_path / "model.onnx"
+    with pytest.raises(TypeError, match=f"expected a bool. Received: strip={strip!r}"):
+        export_model(model, path, "onnx", strip=strip)
+    assert not path.exists()
+
+
+def test_export_model_names_a_model_that_is_not_a_keras_model(tmp_path):
+    from keras_sparse import export_model
+
+    with pytest.raises(TypeError, match=r"`export_model\(\)` expects a Keras model"):
+        export_model("model.keras", tmp_path / "model.onnx", "onnx")
+
+
+@pytest.mark.parametrize(
+    "given, name",
+    [
+        ({"layers": ["fc1"]}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"temperature": 5}, "temperature"),
+    ],
+)
+def test_the_scheduler_checks_its_layers_and_temperature_when_made(given, name):
+    from keras_sparse import SparsityScheduler
+
+    with pytest.raises(TypeError, match=f"invalid value for `{name}`.*Received: {name}="):
+        SparsityScheduler(0.5, **given)
