@@ -73,15 +73,17 @@ def _parser():
     strip = commands.add_parser(
         "strip",
         parents=[quiet],
-        help="replace every SparseLinear by a plain Dense holding the pruned kernel",
+        help="replace every sparse layer by its stock Keras class holding the pruned kernel",
         description=(
-            "Save a copy of the model in which every SparseLinear is a plain "
-            "Dense layer whose kernel has the pruned weights as zeros; it "
-            "loads without keras-sparse."
+            "Save a copy of the model in which every sparse layer (SparseLinear, "
+            "SparseConv2D, ...) is its stock Keras class (Dense, Conv2D, ...) whose "
+            "kernel has the pruned weights as zeros; it loads without keras-sparse."
         ),
     )
     strip.add_argument("model", metavar="MODEL", help="a .keras file")
-    strip.add_argument("-o", "--output", required=True, metavar="OUT", help="a .keras file")
+    strip.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="a .keras file (replaced if it exists)"
+    )
 
     export = commands.add_parser(
         "export",
@@ -105,7 +107,7 @@ def _parser():
         "(PyTorch with litert-torch)",
     )
     export.add_argument(
-        "--strip", action="store_true", help="export the stripped model (plain Dense layers)"
+        "--strip", action="store_true", help="export the stripped model (stock Keras layers)"
     )
     return parser
 

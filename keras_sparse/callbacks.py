@@ -26,6 +26,7 @@ from keras_sparse.layers import SparseKernelMixin
 from keras_sparse.mask import STATE_FIELDS, check_bool
 from keras_sparse.programs import Program
 from keras_sparse.schedules import ConstantSparsity, ExponentialTemperature, SparsitySchedule
+from keras_sparse.transforms import sync_frozen_masks
 from keras_sparse.walk import display_names, sparse_layers
 
 _SCOPES = ("global", "per_layer")
@@ -69,6 +70,18 @@ def _host_reads():
 
         return jax.transfer_guard_device_to_host("allow")
     return contextlib.nullcontext()
+
+
+def _stored_position(states):
+    """`(step, frozen)` of a schedule from its masks' stored states.
+
+    Frozen if any mask is, its step read from a frozen one: a mask the
+    training step never called (left out of the schedule) keeps the state of
+    a fresh start beside the frozen ones.
+    """
+    frozen = [bool(state[_FROZEN] > 0) for state in states]
+    lead = states[frozen.index(True)] if any(frozen) else states[0]
+    return int(lead[_STEP]), any(frozen)
 
 
 class SparsityScheduler(keras.callbacks.Callback):
@@ -119,6 +132,13 @@ class SparsityScheduler(keras.callbacks.Callback):
     epoch's `logs` (`sparsity`, `target_sparsity`, `relative_temperature`,
     `sparsity_loss`, `density/<layer>`, `threshold_mean/<layer>`) are then
     seen by `History`, `CSVLogger`, `TensorBoard` and the progress bar.
+    `BackupAndRestore` may come after it (the schedule resumes from the
+    backup). A callback that puts back weights from before the freeze,
+    such as `EarlyStopping(restore_best_weights=True)` whose best epoch came
+    before it, undoes the pruning: the masks then follow the weights put
+    back, with a warning. Give EarlyStopping `start_from_epoch=` the epoch
+    in which the freeze happens (counted from 0: `int(0.9 * epochs)` for
+    `end_fraction=0.9`).
 
     Args:
         schedule: A `keras_sparse.SparsitySchedule` (`PolynomialDecay`,
@@ -317,16 +337,22 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._eager_steps = _steps_run_as_python(self.model)
         # Read now: on JAX, reading `self.model` in a batch hook syncs every variable.
         self._steps_per_call = self.model.steps_per_execution
-        if not self.frozen:
-            for mask in self._masks:
-                mask.driver = self
-                mask._driven_at_step = None  # a new fit may count its steps from 0 again
+        self._drive_masks()
         for mask in self._masks:
             mask._called_in_training = False  # set by the mask's training forward pass
-        self._use_checked, self._stepped = False, False
+        self._use_checked, self._stepped, self._load_checked = False, False, False
         self._retrace()
+        self._check_after_every_callback()
+
+    def _drive_masks(self):
+        for mask in self._masks:
+            mask.driver = None if self.frozen else self
+            mask._driven_at_step = None  # a new fit may count its steps from 0 again
 
     def on_epoch_begin(self, epoch, logs=None):
+        if not self._load_checked:
+            self._load_checked = True
+            self._resume_if_loaded()
         self._epoch_start = self.step
         self._batches_begun = 0
 
@@ -342,6 +368,24 @@ class SparsityScheduler(keras.callbacks.Callback):
         if self._ramp_ended():
             self.model  # noqa: B018 -- JAX: sync the variables before reading them
             self._freeze_at_ramp_end()
+
+    def _resume_if_loaded(self):
+        """Start again from the masks' state if a callback after this one loaded it.
+
+        `BackupAndRestore` loads its backup in its own `on_train_begin`, after
+        this one's when it comes later in `callbacks=[...]`: the step read
+        there is then not the backup's, and an eager step (PyTorch, or
+        `run_eagerly=True`) counted on from it, writing over the loaded one.
+        """
+        self.model  # noqa: B018 -- JAX: sync the variables before reading them
+        with _host_reads():
+            states = [to_numpy(mask.sparsity_state) for mask in self._masks]
+            if _stored_position(states) == (self.step, self.frozen):
+                return
+            self._start(resume=True)
+        self._programs = {}
+        self._drive_masks()
+        self._retrace()
 
     def _ramp_ended(self, fit_ended=False):
         """Whether the masks freeze now: at the ramp's end step, or, for a schedule without
@@ -441,6 +485,13 @@ class SparsityScheduler(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
         self._count_steps()
+        if self._sync_restored():
+            # A callback before this one put back weights from before the freeze: they
+            # are left as they are, neither frozen again nor hard-pruned.
+            for mask in self._masks:
+                mask.driver = None
+            self._retrace()
+            return
         if self._masks and self._ramp_ended(fit_ended=True):
             # Stopped by another callback at the ramp's end, or a fit without epochs' end,
             # or a schedule without a ramp, whose freeze is the fit's end.
@@ -454,6 +505,55 @@ class SparsityScheduler(keras.callbacks.Callback):
         elif self._masks:
             self._warn_unfinished()
         self._retrace()
+
+    def _check_after_every_callback(self):
+        """Check the masks again once every callback's `on_train_end` has run.
+
+        A callback after this one in `callbacks=[...]` may put back weights saved
+        before the freeze (`EarlyStopping(restore_best_weights=True)`), and a
+        callback cannot see the others. Keras's `fit` appends its `History` to
+        the callbacks it is given, so the check is chained to History's
+        `on_train_end`, for this fit only (one check covers every scheduler).
+        """
+        history = getattr(self.model, "history", None)
+        if not isinstance(history, keras.callbacks.History):
+            return
+        if "on_train_end" in vars(history):  # another scheduler's check, in this fit
+            history.on_train_end.schedulers.append(self)
+            return
+
+        def on_train_end(logs=None):
+            del history.on_train_end
+            history.on_train_end(logs)
+            for scheduler in on_train_end.schedulers:
+                scheduler._sync_restored()
+
+        on_train_end.schedulers = [self]
+        history.on_train_end = on_train_end
+
+    def _freeze_epoch(self):
+        """The epoch (from 0) in which the ramp's end freezes the masks; `None` for a
+        schedule that freezes when `fit` ends."""
+        steps = self.params.get("steps") if self.params else None
+        begin, end = self._steps.begin_step, self._steps.end_step
+        if not steps or not self.freeze_at_end or end <= begin:
+            return None
+        return int(end // steps)
+
+    def _sync_restored(self):
+        """Follow the masks' stored state where weights from before the freeze were
+        put back, and say so (`sync_frozen_masks`); whether they were."""
+        if not self._masks:
+            return False
+        with _host_reads():
+            sync_frozen_masks(
+                self.model, "SparsityScheduler, at the end of fit", self._freeze_epoch()
+            )
+            if not self.frozen or any(mask.frozen for mask in self._masks):
+                return False
+            self.frozen = False
+            self.step = int(to_numpy(self._masks[0].sparsity_state)[_STEP])
+        return True
 
     # ------------------------------------------------------------ helpers
 
@@ -483,19 +583,18 @@ class SparsityScheduler(keras.callbacks.Callback):
             return [self._masks]
         return [[mask] for mask in self._masks]
 
-    def _start(self):
+    def _start(self, resume=None):
         """Resume from (or reset) the masks' state; set what a fresh start needs."""
         states = [to_numpy(mask.sparsity_state) for mask in self._masks]
-        if not self.resume:
+        if not (self.resume if resume is None else resume):
             states = [np.zeros(len(STATE_FIELDS), "float32") for _ in self._masks]
             for mask in self._masks:
                 mask.frozen = False
-        self.step = int(states[0][_STEP])
-        self.frozen = bool(states[0][_FROZEN] > 0)
+        self.step, self.frozen = _stored_position(states)
+        for mask, state in zip(self._masks, states):
+            mask.frozen = bool(state[_FROZEN] > 0)
         if self.frozen:
             self._warn_if_frozen_below_target()
-        for mask in self._masks:
-            mask.frozen = self.frozen
         spreads, active = self._measure(
             "start",
             lambda: (

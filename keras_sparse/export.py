@@ -59,7 +59,7 @@ import numpy as np
 
 from keras_sparse.host import to_numpy
 from keras_sparse.mask import check_bool
-from keras_sparse.transforms import _check_model, _strip
+from keras_sparse.transforms import _check_model, _strip, sync_frozen_masks
 from keras_sparse.walk import walk, weight_matrices
 
 EXPORT_FORMATS = ("tf_saved_model", "onnx", "litert")
@@ -166,7 +166,11 @@ def export_model(model, filepath, format="tf_saved_model", *, strip=False, verbo
     # The model is checked before the tools: its error is the user's to fix.
     _check_model(model, "export_model")
     check_bool("strip", strip)
-    target = _strip(model, require_sparse=True) if strip else model
+    if strip:
+        target = _strip(model, require_sparse=True, caller="export_model()")
+    else:
+        target = model
+        sync_frozen_masks(model, "export_model()")
     problem = export_problem(format)
     if problem:
         raise ValueError(problem)
@@ -413,7 +417,7 @@ def size_report(model):
         could not quantize, left float32 in the int8 row; `print(report)`
         shows a table, and names those layers under it).
     """
-    stripped = _strip(model, require_sparse=False)
+    stripped = _strip(model, require_sparse=False, caller="size_report()")
     with tempfile.TemporaryDirectory(prefix="keras_sparse_size_") as scratch:
         sparse_size = _measure(model, "as given", scratch)
         stripped_size = _measure(stripped, "stripped", scratch)

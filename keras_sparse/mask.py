@@ -949,6 +949,25 @@ class KernelMask:
         """`hard_prune()`'s Python state: inference may now skip the mask (see there)."""
         self._plain_inference = not self._seen_training
 
+    def sync_frozen(self):
+        """Set `frozen` from the stored state; whether it changed.
+
+        Loading (`load_own_variables`) keeps the two in step, but `set_weights`
+        and `assign` write the state alone: `EarlyStopping(restore_best_weights=True)`
+        puts back weights saved before the freeze, and the mask, still marked
+        frozen, would then serve their `prune_mask` (every weight) instead of
+        their thresholds.
+        """
+        # A quantized kernel holds its zeros: its mask stays frozen, whatever is assigned.
+        stored = bool(to_numpy(self.state("frozen")) > 0) or bool(
+            getattr(self.layer, "quantization_mode", None)
+        )
+        if stored == self.frozen:
+            return False
+        self.frozen = stored
+        self._plain_inference = False
+        return True
+
     def threshold_values(self, value):
         """`value` checked and broadcast to the threshold's shape (float32), or a clear error."""
         try:

@@ -748,7 +748,7 @@ def shrink(model):
             f"`shrink()` needs a built model; model '{model.name}' is not built. "
             "Call it on data or build it with `keras.Input` first."
         )
-    stripped = _strip(model, require_sparse=False)
+    stripped = _strip(model, require_sparse=False, caller="shrink()")
     graph = stripped._functional if isinstance(stripped, keras.Sequential) else stripped
     if graph is None:
         raise ValueError(

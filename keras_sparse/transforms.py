@@ -23,6 +23,7 @@ import warnings
 import keras
 
 from keras_sparse import convert
+from keras_sparse.host import to_numpy
 from keras_sparse.layers import SparseKernelMixin
 from keras_sparse.mask import check_bool
 from keras_sparse.walk import (
@@ -44,6 +45,60 @@ def _check_model(model, caller):
             f"`{caller}()` expects a Keras model (Sequential, functional, subclassed, or a "
             f"keras-hub model). Received: model={model!r} of type {type(model).__name__}"
         )
+
+
+def sync_frozen_masks(model, caller, freeze_epoch=None):
+    """Bring every mask's `frozen` flag in step with its stored state (see
+    `KernelMask.sync_frozen`), and warn when weights from before a freeze were put back.
+
+    Called where the masks are read (`sparsity_report`, `strip`, `export_model`,
+    `shrink`) and at the end of `fit` with a `SparsityScheduler` (which knows the
+    epoch of its freeze, `freeze_epoch`): a restore is the user's (or a
+    callback's) act, the library sees it only on its next read.
+    """
+    masks = [mask for layer in sparse_layers(model) if layer.built for mask in layer.masks.values()]
+    unfrozen, changed = [], False
+    for mask in masks:
+        was_frozen = mask.frozen
+        if mask.sync_frozen():
+            changed = True
+            if was_frozen:
+                unfrozen.append(mask)
+    if changed and isinstance(model, keras.Model):
+        # Compiled steps hold a frozen mask's path: trace them again (the train step
+        # at once, as `fit` may be running it).
+        model.test_function = model.predict_function = None
+        if model.train_function is not None:
+            model.make_train_function(force=True)
+    if not unfrozen:
+        return
+    if freeze_epoch is not None:
+        advice = (
+            f"give EarlyStopping `start_from_epoch={freeze_epoch}`, the epoch of the freeze "
+            "(from 0), so that it chooses among pruned weights only"
+        )
+    else:
+        advice = (
+            "let EarlyStopping choose among epochs after the freeze only, `start_from_epoch=` "
+            "the epoch in which it happens (from 0: `int(0.9 * epochs)` for "
+            "`end_fraction=0.9`; a schedule that freezes when `fit` ends, such as "
+            "`ConstantSparsity`, has none: do not restore best weights with it)"
+        )
+    names = sorted({mask.layer.name for mask in unfrozen})
+    step = int(to_numpy(unfrozen[0].state("step")))
+    kept = sum(mask.num_active() for mask in masks)
+    sparsity = 1.0 - kept / sum(mask.size for mask in masks)
+    warnings.warn(
+        f"{caller}: the masks of {len(names)} layer(s) of model '{model.name}' "
+        f"({', '.join(names[:5])}{' and more' if len(names) > 5 else ''}) were frozen, but "
+        f"their weights now hold a state from before the freeze (the schedule's step {step}): "
+        "weights saved earlier were put back with `set_weights` or `assign`, as "
+        "`EarlyStopping(restore_best_weights=True)` does at the end of `fit` when its best "
+        "epoch came before the freeze. The model now serves those weights, at sparsity "
+        f"{sparsity:.4f}, not the pruned model. To keep the pruned model, {advice}; to prune "
+        "these weights, fit again with the SparsityScheduler: it resumes their schedule.",
+        stacklevel=3,
+    )
 
 
 def _selector(select):
@@ -369,19 +424,29 @@ def strip(model):
     return _strip(model, require_sparse=True)
 
 
-def _strip(model, require_sparse):
-    _check_model(model, "strip")
+def _strip(model, require_sparse, caller="strip()"):
+    _check_model(model, caller.rstrip("()"))
     if require_sparse and not sparse_layers(model):
         raise ValueError(
             f"Model '{model.name}' has no sparse layer: there is nothing to strip. "
             "(`keras_sparse.sparsify(model)` makes one.)"
         )
+    sync_frozen_masks(model, caller)
     # A fresh model from the config with every keras-sparse class replaced by
     # its stock class, then the weights, layer by layer, with the pruned
     # kernels: fresh objects are exactly what Keras itself would load.
-    config = keras.saving.serialize_keras_object(model)
-    config.pop("compile_config", None)
-    stripped = keras.saving.deserialize_keras_object(convert.stock_config(config))
+    try:
+        config = keras.saving.serialize_keras_object(model)
+        config.pop("compile_config", None)
+        stripped = keras.saving.deserialize_keras_object(convert.stock_config(config))
+    except Exception as error:
+        raise ValueError(
+            f"{caller} rebuilds model '{model.name}' ({type(model).__name__}) from its "
+            "config, with stock layers in place of the sparse ones, as `.keras` loading "
+            "does: every custom class (model or layer) must be registered "
+            "(`@keras.saving.register_keras_serializable()`) and, if its constructor takes "
+            f"arguments, have `get_config()`. Rebuilding failed with: {error}"
+        ) from error
     sources = [model] + [layer for layer, _ in walk(model)]
     targets = [stripped] + [layer for layer, _ in walk(stripped)]
     if len(sources) != len(targets):
@@ -475,6 +540,9 @@ class SparsityReport:
         total: The sum over `rows` (`name="total"`, `shape=None`).
         dense: One `DenseLayer` per layer whose weight matrices are not
             pruned (left dense by `sparsify`, or never converted).
+        lora: The names of the sparse layers with LoRA enabled: they serve
+            their masked kernel plus a dense low-rank update, so the density
+            of their rows counts the sparse base alone.
 
     `str(report)` (so `print(report)`) is an aligned text table followed by
     the coverage; `report.to_markdown()` the same in Markdown.
@@ -483,6 +551,7 @@ class SparsityReport:
     rows: tuple
     total: LayerSparsity
     dense: tuple = ()
+    lora: tuple = ()
 
     @property
     def dense_params(self):
@@ -520,6 +589,12 @@ class SparsityReport:
             )
             more = f" and {len(self.dense) - 10} more" if len(self.dense) > 10 else ""
             lines.append(f"left dense: {left}{more}")
+        if self.lora:
+            names = ", ".join(self.lora[:10]) + (" and more" if len(self.lora) > 10 else "")
+            lines.append(
+                f"LoRA enabled: {names}; they serve their kernel plus a dense low-rank update, "
+                "so their density counts the sparse base alone (strip() merges the update)"
+            )
         return lines
 
     def __str__(self):
@@ -573,6 +648,7 @@ def sparsity_report(model):
     layers = sparse_layers(model)
     if not layers:
         raise ValueError(f"Model '{model.name}' has no sparse layer to report on.")
+    sync_frozen_masks(model, "sparsity_report()")
     names = display_names(model, layers)
     rows = []
     for layer, name in zip(layers, names):
@@ -591,4 +667,7 @@ def sparsity_report(model):
         DenseLayer(name, type(layer).__name__, dense_values(layer))
         for layer, name in zip(holders, display_names(model, holders))
     )
-    return SparsityReport(tuple(rows), total, dense)
+    lora = tuple(
+        name for layer, name in zip(layers, names) if getattr(layer, "lora_enabled", False)
+    )
+    return SparsityReport(tuple(rows), total, dense, lora)

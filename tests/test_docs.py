@@ -22,6 +22,7 @@ import select
 import subprocess
 import sys
 import traceback
+import warnings
 
 import keras
 import pytest
@@ -35,6 +36,10 @@ BLOCK = re.compile(
 )
 OTHER_BACKEND = re.compile(r'os\.environ\["KERAS_BACKEND"\] = "(\w+)"')
 NEEDS_OWN_PROCESS = re.compile(r"os\.environ|keras\.config\.set_|__main__")
+# The scheduler's warnings that a run did not follow its schedule fail a block: an example
+# that sets them off shows a user a recipe that does not work as written. (A block that
+# shows one on purpose catches it.)
+OFF_SCHEDULE = ("SparsityScheduler: when the schedule ended", "SparsityScheduler: training stopped")
 
 
 def documents():
@@ -125,8 +130,15 @@ def test_doc_block_runs(code, reason, tmp_path, shared_process):
         pytest.skip(f"written for the {wanted.group(1)} backend")
     if NEEDS_OWN_PROCESS.search(code):
         (tmp_path / "block.py").write_text(code)
+        # `-W` cannot take these messages (it splits at their colons): a filter set first.
+        run_block = (
+            "import re, runpy, warnings\n"
+            f"for message in {OFF_SCHEDULE!r}:\n"
+            "    warnings.filterwarnings('error', re.escape(message), UserWarning)\n"
+            "runpy.run_path('block.py', run_name='__main__')\n"
+        )
         process = subprocess.run(
-            [sys.executable, "block.py"],
+            [sys.executable, "-c", run_block],
             cwd=tmp_path,
             env=environment(),
             capture_output=True,
@@ -149,7 +161,13 @@ def serve():
         os.chdir(request["cwd"])
         output = io.StringIO()
         ok = True
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        with (
+            contextlib.redirect_stdout(output),
+            contextlib.redirect_stderr(output),
+            warnings.catch_warnings(),
+        ):
+            for message in OFF_SCHEDULE:
+                warnings.filterwarnings("error", message=re.escape(message), category=UserWarning)
             try:
                 exec(compile(request["code"], "block.py", "exec"), {"__name__": "__main__"})
             except SystemExit as error:

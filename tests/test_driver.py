@@ -276,6 +276,210 @@ def test_resume_false_starts_the_schedule_again():
     assert total_active(m) == round(0.2 * total_size(m))
 
 
+def _resumed_schedule_targets(schedule_end, steps):
+    """PolynomialDecay(0.8, end_step=schedule_end)'s target after each of `steps`, in NumPy."""
+    progress = np.minimum(np.asarray(steps, "float64"), schedule_end) / schedule_end
+    return 0.8 * (1.0 - (1.0 - progress) ** 3)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 3:
+            raise RuntimeError("interrupted")
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+def test_backup_and_restore_after_the_scheduler_resumes_its_schedule(tmp_path, run_eagerly):
+    # BackupAndRestore loads its backup in its on_train_begin, after the scheduler's when it
+    # comes later in the list: eager steps then counted the schedule again from step 0 (a
+    # new-user trial, PyTorch and run_eagerly=True).
+    end = 5 * STEPS_PER_EPOCH
+    schedule = ks.PolynomialDecay(0.8, end_step=end)
+    backup = str(tmp_path / "backup")
+    x, y = data()
+
+    def run(m, *callbacks):
+        m.compile(
+            keras.optimizers.Adam(3e-3),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=run_eagerly,
+        )
+        callbacks = [ks.SparsityScheduler(schedule), keras.callbacks.BackupAndRestore(backup)]
+        return m.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=6,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks + list(extra),
+        )
+
+    extra = [_Interrupt()]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(model())
+    extra = []
+    resumed = model()
+    history = run(resumed)
+    assert len(history.history["loss"]) == 3  # epochs 4 to 6
+    steps = STEPS_PER_EPOCH * np.arange(4, 7)
+    np.testing.assert_allclose(
+        history.history["target_sparsity"], _resumed_schedule_targets(end, steps), rtol=1e-5
+    )
+    assert all(mask.frozen for mask in ks.kernel_masks(resumed))
+    for mask in ks.kernel_masks(resumed):  # frozen at the ramp's end, where masks stop counting
+        assert int(to_numpy(mask.state("step"))) == end
+    assert total_active(resumed) == round(0.2 * total_size(resumed))
+
+
+# ---------------------------------------- weights put back from before the freeze
+
+
+def numpy_kept(m):
+    """The weights each mask's stored thresholds keep, `|kernel| >= threshold` where the
+    prune mask keeps, counted in NumPy."""
+    kept = 0
+    for mask in ks.kernel_masks(m):
+        kernel, threshold = to_numpy(mask.kernel), to_numpy(mask.threshold)
+        keep = (np.abs(kernel) >= threshold) & (to_numpy(mask.prune_mask) > 0)
+        kept += int(keep.sum())
+    return kept
+
+
+def assert_serves_the_restored_weights(m, scheduler):
+    """The masks follow the restored (unfrozen) state; a second fit finishes the schedule."""
+    assert all(int(to_numpy(mask.state("frozen"))) == 0 for mask in ks.kernel_masks(m))
+    assert not any(mask.frozen for mask in ks.kernel_masks(m))
+    assert not scheduler.frozen
+    kept = numpy_kept(m)
+    assert kept < total_size(m)  # the restored epoch had pruned some weights...
+    assert kept > round(0.2 * total_size(m))  # ...fewer than the target
+    assert ks.sparsity_report(m).total.active == kept
+    x, _ = data()
+    h = x  # the model's layers, served by NumPy from the restored weights
+    for layer in m.layers:
+        (mask,) = layer.masks.values()
+        kernel, threshold = to_numpy(mask.kernel), to_numpy(mask.threshold)
+        h = h @ np.where(np.abs(kernel) >= threshold, kernel, 0.0) + to_numpy(layer.bias)
+        if layer.name != "logits":
+            h = np.maximum(h, 0.0)
+    np.testing.assert_allclose(m.predict(x, verbose=0), h, rtol=1e-4, atol=1e-5)
+    fit(m, scheduler, epochs=6)
+    assert scheduler.frozen
+    assert total_active(m) == round(0.2 * total_size(m))
+
+
+def test_early_stopping_that_restores_weights_from_before_the_freeze_is_said_and_followed():
+    # EarlyStopping(restore_best_weights=True) after the scheduler put back dense weights
+    # from before the freeze: the masks, still marked frozen, served every weight while
+    # the scheduler said frozen at the target, silently (a new-user trial).
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH))
+    # The penalty is zero once frozen, so its largest value is an epoch before the freeze.
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="sparsity_loss", mode="max", patience=99, restore_best_weights=True
+    )
+    x, y = data()
+    with pytest.warns(UserWarning, match=r"were frozen, but .* from before the freeze"):
+        m.fit(
+            x, y, batch_size=16, epochs=6, shuffle=False, verbose=0, callbacks=[scheduler, stopping]
+        )
+    assert stopping.best_epoch < 4
+    assert_serves_the_restored_weights(m, scheduler)
+
+
+def test_early_stopping_from_the_freezes_epoch_restores_a_pruned_model_without_warning():
+    # The docs' advice: start_from_epoch = the epoch in which the freeze happens.
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_fraction=0.9))
+    epochs = 6
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="loss", patience=99, restore_best_weights=True, start_from_epoch=int(0.9 * epochs)
+    )
+    x, y = data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[scheduler, stopping],
+        )
+    assert not [w for w in caught if "before the freeze" in str(w.message)]
+    assert stopping.best_weights is not None
+    assert all(mask.frozen for mask in ks.kernel_masks(m))
+    assert total_active(m) == round(0.2 * total_size(m)) == numpy_kept(m)
+
+
+class _PutBackTheEpochBeforeTheFreeze(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 3:  # the last before the freeze
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        self.model.set_weights(self.weights)
+
+
+def test_weights_put_back_by_a_callback_before_the_scheduler_are_said_and_followed():
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH))
+    x, y = data()
+    with pytest.warns(UserWarning, match=r"were frozen, but .* from before the freeze"):
+        m.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=6,
+            shuffle=False,
+            verbose=0,
+            callbacks=[_PutBackTheEpochBeforeTheFreeze(), scheduler],
+        )
+    assert_serves_the_restored_weights(m, scheduler)
+
+
+def test_weights_put_back_after_two_schedulers_are_said_and_both_follow():
+    m = compiled(model())
+    schedule = ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH)
+    first = ks.SparsityScheduler(schedule, layers=[m.layers[0]])
+    second = ks.SparsityScheduler(schedule, layers=m.layers[1:])
+    stopping = keras.callbacks.EarlyStopping(
+        monitor="sparsity_loss", mode="max", patience=99, restore_best_weights=True
+    )
+    x, y = data()
+    with pytest.warns(UserWarning, match=r"start_from_epoch=4`, the epoch of the freeze"):
+        m.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=6,
+            shuffle=False,
+            verbose=0,
+            callbacks=[first, second, stopping],
+        )
+    assert not first.frozen and not second.frozen
+    assert not any(mask.frozen for mask in ks.kernel_masks(m))
+    assert ks.sparsity_report(m).total.active == numpy_kept(m)
+
+
+def test_strip_after_set_weights_from_before_the_freeze_says_so_and_strips_those_weights():
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH))
+    fit(m, scheduler, epochs=2)
+    early = m.get_weights()
+    fit(m, scheduler, epochs=6, initial_epoch=2)
+    assert scheduler.frozen
+    m.set_weights(early)
+    expected = numpy_kept(m)
+    with pytest.warns(UserWarning, match=r"strip\(\): the masks of 3 layer\(s\)"):
+        stripped = ks.strip(m)
+    kernels = [to_numpy(layer.kernel) for layer in stripped.layers]
+    assert sum(np.count_nonzero(k) for k in kernels) == expected
+    assert expected < total_size(m)
+
+
 # ---------------------------------------------------- epochs and fractions
 
 
@@ -530,6 +734,30 @@ def test_a_mask_the_training_step_does_not_call_is_left_out_and_said():
     assert to_numpy(m.unused.masks["kernel"].prune_mask).all()
     assert set(scheduler.statistics()) >= {"density/hidden", "density/logits"}
     assert "density/unused" not in scheduler.statistics()
+
+
+def test_a_second_fit_beside_a_mask_never_called_resumes_frozen_without_warning():
+    # The scheduler read its step and frozen state from the first mask, the one never
+    # called, which keeps a fresh state: a second fit drove the frozen masks again from
+    # step 0, and the masks' re-sync then warned of weights put back.
+    m = WithALayerItDoesNotCall()
+    m.build((None, 12))
+    compiled(m)
+    schedule = ks.PolynomialDecay(0.6, end_step=3 * STEPS_PER_EPOCH)
+    with pytest.warns(UserWarning, match=r"does not call the masks of \['unused'\]"):
+        fit(m, ks.SparsityScheduler(schedule), epochs=4)
+    trained = [m.hidden.masks["kernel"], m.logits.masks["kernel"]]
+    kept = [to_numpy(mask.prune_mask).copy() for mask in trained]
+    again = ks.SparsityScheduler(schedule)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(m, again, epochs=5, initial_epoch=4)
+        ks.sparsity_report(m)
+    assert not [w for w in caught if "before the freeze" in str(w.message)]
+    assert again.frozen
+    for mask, before in zip(trained, kept):
+        assert mask.frozen
+        np.testing.assert_array_equal(to_numpy(mask.prune_mask), before)
 
 
 def test_a_subclassed_model_that_does_not_pass_training_on_is_refused_with_the_way_out():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from backend_utils import to_numpy
 
-from keras_sparse import SparseLinear, sparsify
+from keras_sparse import SparseLinear, sparsify, strip
 
 
 @pytest.mark.parametrize("units", [0, -3, 2.5, "8", True, None])
@@ -150,3 +150,22 @@ def test_the_scheduler_checks_its_layers_and_temperature_when_made(given, name):
 
     with pytest.raises(TypeError, match=f"invalid value for `{name}`.*Received: {name}="):
         SparsityScheduler(0.5, **given)
+
+
+class _Unregistered(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(4)
+
+    def call(self, x, training=None):
+        return self.hidden(x, training=training)
+
+
+def test_strip_of_a_subclassed_model_it_cannot_rebuild_says_what_it_needs():
+    # sparsify(inplace=True) converts such a model; strip then failed with Keras's raw
+    # "Could not locate class" (a new-user trial).
+    model = _Unregistered()
+    model(np.zeros((1, 3), "float32"))
+    sparsify(model, inplace=True)
+    with pytest.raises(ValueError, match=r"strip\(\) rebuilds model .*register_keras_serializable"):
+        strip(model)

@@ -116,6 +116,16 @@ def test_lora_adds_a_dense_update_to_the_sparse_base(rng):
     }
 
 
+def test_the_report_names_the_layers_that_serve_a_dense_lora_update(rng):
+    # It showed the sparse base's density alone, as if the served kernel were as sparse.
+    model = pruned_mlp(rng)
+    layer = lora_layer(rng, model.layers[1])
+    report = ks.sparsity_report(model)
+    assert report.lora == (layer.name,)
+    assert f"LoRA enabled: {layer.name};" in str(report)
+    assert "dense low-rank update" in report.to_markdown()
+
+
 def test_strip_merges_the_lora_update_and_the_file_keeps_it(rng, tmp_path):
     model = pruned_mlp(rng)
     layer = lora_layer(rng, model.layers[1])
