@@ -45,6 +45,7 @@ from _ablation import (
     add_recipe_shape_arguments,
     apply_penalty_price,
     apply_penalty_target,
+    apply_per_weight_temperature,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
@@ -186,6 +187,7 @@ def run_one(method, target, seed, args, data):
     elif method == "sparse_linear":
         apply_penalty_target(args)
         apply_penalty_price(args)
+        apply_per_weight_temperature(args)
         model = lenet(sparse_layer(ks.SparseLinear, args))
         if args.init_from:
             load_initial_weights(model, args.init_from, seed)
@@ -215,6 +217,7 @@ def run_one(method, target, seed, args, data):
     elif method == "sparse_linear_neuron":
         apply_penalty_target(args)
         apply_penalty_price(args)
+        apply_per_weight_temperature(args)
         model = lenet(neuron_layer)
         compile_model(model)
         end_step = int(args.end_fraction * total_steps)

@@ -43,6 +43,7 @@ from _ablation import (
     add_recipe_shape_arguments,
     apply_penalty_price,
     apply_penalty_target,
+    apply_per_weight_temperature,
     check_initial_weights_methods,
     held_out,
     load_initial_weights,
@@ -119,6 +120,7 @@ def recipe(args):
         "penalty_on": args.penalty_on,
         "price_by_scale": args.price_by_scale,
         "per_weight_layers": args.per_weight_layers,
+        "per_weight_temperature": args.per_weight_temperature,
         "init_from": args.init_from,
         "validation": args.validation,
         "fold": args.fold,
@@ -198,6 +200,7 @@ def run_one(method, target, seed, args, data):
     elif method == "sparse":
         apply_penalty_target(args)
         apply_penalty_price(args)
+        apply_per_weight_temperature(args)
         model = lenet5(
             sparse_layer(ks.SparseConv2D, args), sparse_layer(ks.SparseLinear, args), keras
         )
@@ -225,6 +228,7 @@ def run_one(method, target, seed, args, data):
         # classes stay), then `shrink` removes them.
         apply_penalty_target(args)
         apply_penalty_price(args)
+        apply_per_weight_temperature(args)
         model = lenet5(
             functools.partial(ks.SparseConv2D, granularity="neuron"),
             lambda units, name, **kw: (
