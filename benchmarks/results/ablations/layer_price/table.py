@@ -24,7 +24,11 @@ CELLS = [
     ("lenet300_98", "jax"),
     ("lenet5_9822", "jax"),
 ]
-CHANGES = {"pwout": "a threshold per weight in the output layer", "scale1": "price by scale"}
+CHANGES = {
+    "pwout": "a threshold per weight in the output layer",
+    "pwoutt5": "the same at relative temperature 5, not 2 -> 5",
+    "scale1": "price by scale",
+}
 
 
 def runs(pattern, **fields):
