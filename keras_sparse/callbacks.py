@@ -132,6 +132,9 @@ class SparsityScheduler(keras.callbacks.Callback):
     epoch's `logs` (`sparsity`, `target_sparsity`, `relative_temperature`,
     `sparsity_loss`, `density/<layer>`, `threshold_mean/<layer>`) are then
     seen by `History`, `CSVLogger`, `TensorBoard` and the progress bar.
+    Several schedulers in one fit (each with `layers=` of its own) number
+    their own figures, in the order of the list: `sparsity/0`,
+    `target_sparsity/1`, ...
     `BackupAndRestore` may come after it (the schedule resumes from the
     backup). A callback that puts back weights from before the freeze,
     such as `EarlyStopping(restore_best_weights=True)` whose best epoch came
@@ -345,7 +348,17 @@ class SparsityScheduler(keras.callbacks.Callback):
         self._check_after_every_callback()
 
     def _drive_masks(self):
-        for mask in self._masks:
+        # `_model`: on JAX, reading `model` syncs every variable.
+        this_fit = getattr(self._model, "history", None)
+        for mask, name in zip(self._masks, self._names):
+            other = mask.driver
+            if other is not None and other is not self and mask._driven_in is this_fit:
+                raise ValueError(
+                    f"SparsityScheduler: the mask of '{name}' is driven by another "
+                    "SparsityScheduler of this fit: give each scheduler layers of its own "
+                    "(`layers=[...]`)."
+                )
+            mask._driven_in = this_fit
             mask.driver = None if self.frozen else self
             mask._driven_at_step = None  # a new fit may count its steps from 0 again
 
@@ -480,7 +493,13 @@ class SparsityScheduler(keras.callbacks.Callback):
         if logs is None:
             return
         with _host_reads():
-            logs.update(self.statistics())
+            statistics = self.statistics()
+        logs.update(
+            {
+                (key + self._log_suffix if "/" not in key else key): value
+                for key, value in statistics.items()
+            }
+        )
 
     def on_train_end(self, logs=None):
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
@@ -515,18 +534,23 @@ class SparsityScheduler(keras.callbacks.Callback):
         the callbacks it is given, so the check is chained to History's
         `on_train_end`, for this fit only (one check covers every scheduler).
         """
+        self._log_suffix = ""
         history = getattr(self.model, "history", None)
         if not isinstance(history, keras.callbacks.History):
             return
         if "on_train_end" in vars(history):  # another scheduler's check, in this fit
-            history.on_train_end.schedulers.append(self)
+            schedulers = history.on_train_end.schedulers
+            schedulers.append(self)
+            # Their figures would overwrite each other in the logs: numbered apart.
+            for number, scheduler in enumerate(schedulers):
+                scheduler._log_suffix = f"/{number}"
             return
 
         def on_train_end(logs=None):
             del history.on_train_end
             history.on_train_end(logs)
             for scheduler in on_train_end.schedulers:
-                scheduler._sync_restored()
+                scheduler._check_after_fit()
 
         on_train_end.schedulers = [self]
         history.on_train_end = on_train_end
@@ -538,7 +562,33 @@ class SparsityScheduler(keras.callbacks.Callback):
         begin, end = self._steps.begin_step, self._steps.end_step
         if not steps or not self.freeze_at_end or end <= begin:
             return None
-        return int(end // steps)
+        # A ramp that ends with the fit freezes at the end of its last epoch.
+        last = (self.params.get("epochs") or 1) - 1
+        return min(int(end // steps), last)
+
+    def _check_after_fit(self):
+        """After every callback: follow weights put back (`_sync_restored`); zero again the
+        pruned weights of frozen ones (a snapshot taken after the freeze holds what the
+        optimizer moved there before `on_train_end` zeroed it); say when weights from an
+        earlier step were put back, which the end-of-fit figures do not describe."""
+        if not self._masks or self._sync_restored():
+            return
+        if self.frozen:
+            self._hard_prune_all()
+            return
+        with _host_reads():
+            stored, _ = _stored_position([to_numpy(m.sparsity_state) for m in self._masks])
+            if stored == self.step:
+                return
+            sparsity = self.statistics()["sparsity"]
+        warnings.warn(
+            f"SparsityScheduler: after it, a callback put back weights from step {stored} of "
+            f"the schedule (sparsity {sparsity:.4f}), such as EarlyStopping's best weights; "
+            f"training had stopped at step {self.step}. A second fit with the scheduler "
+            "resumes from them.",
+            stacklevel=2,
+        )
+        self.step = stored
 
     def _sync_restored(self):
         """Follow the masks' stored state where weights from before the freeze were

@@ -349,6 +349,17 @@ class SparseKernelMixin:
     def save_own_variables(self, store):
         # Every variable, the masks' too (the stock layers' own method would
         # save their kernel and bias only, and merge a LoRA update).
+        unfrozen = [
+            mask for mask in self._kernel_masks.values() if mask.frozen and mask.sync_frozen()
+        ]
+        if unfrozen:
+            warnings.warn(
+                f"Layer '{self.name}': its masks were frozen, but its weights now hold a state "
+                "from before the freeze (put back with `set_weights` or `assign`): it is saved, "
+                "and now serves, those weights with their own masks, unfrozen. Fit again with "
+                "the SparsityScheduler to prune them.",
+                stacklevel=2,
+            )
         for i, variable in enumerate(self._saved_variables()):
             store[f"{i}"] = variable
 

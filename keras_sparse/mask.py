@@ -550,6 +550,7 @@ class KernelMask:
         # frozen: then training multiplies by `prune_mask` alone.
         self.driver = None
         self.frozen = False
+        self._driven_in = None  # the fit (its History) whose scheduler drives the mask
         # The forward pass (Keras's call context) that last called the layer
         # in training: a shared layer is called again within one.
         self._training_forward = None

@@ -389,12 +389,18 @@ def test_early_stopping_that_restores_weights_from_before_the_freeze_is_said_and
 
 
 def test_early_stopping_from_the_freezes_epoch_restores_a_pruned_model_without_warning():
-    # The docs' advice: start_from_epoch = the epoch in which the freeze happens.
+    # The docs' advice: start_from_epoch = the epoch in which the freeze happens. The
+    # epoch restored (the largest loss after the freeze: its first) is not the last, so its
+    # kernels hold what the optimizer moved at pruned weights before the end of fit.
     m = compiled(model())
-    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_fraction=0.9))
-    epochs = 6
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_fraction=0.5))
+    epochs = 8
     stopping = keras.callbacks.EarlyStopping(
-        monitor="loss", patience=99, restore_best_weights=True, start_from_epoch=int(0.9 * epochs)
+        monitor="loss",
+        mode="max",
+        patience=99,
+        restore_best_weights=True,
+        start_from_epoch=int(0.5 * epochs),
     )
     x, y = data()
     with warnings.catch_warnings(record=True) as caught:
@@ -409,9 +415,78 @@ def test_early_stopping_from_the_freezes_epoch_restores_a_pruned_model_without_w
             callbacks=[scheduler, stopping],
         )
     assert not [w for w in caught if "before the freeze" in str(w.message)]
-    assert stopping.best_weights is not None
+    assert stopping.best_epoch < epochs - 1
     assert all(mask.frozen for mask in ks.kernel_masks(m))
     assert total_active(m) == round(0.2 * total_size(m)) == numpy_kept(m)
+    for mask in ks.kernel_masks(m):  # zero where pruned, as strip and size_report read them
+        pruned = to_numpy(mask.prune_mask) == 0
+        assert not to_numpy(mask.kernel)[pruned].any()
+
+
+class _StopAndPutBackEpoch1(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            self.weights = self.model.get_weights()
+        if epoch == 3:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.model.set_weights(self.weights)
+
+
+def test_weights_of_an_earlier_step_put_back_after_an_unfinished_schedule_are_said():
+    # The scheduler's end-of-fit warning gave the step and sparsity where training stopped,
+    # which the model no longer held.
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=8 * STEPS_PER_EPOCH))
+    x, y = data()
+    with pytest.warns(UserWarning, match=rf"weights from step {2 * STEPS_PER_EPOCH} of"):
+        m.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=8,
+            shuffle=False,
+            verbose=0,
+            callbacks=[scheduler, _StopAndPutBackEpoch1()],
+        )
+    assert scheduler.step == 2 * STEPS_PER_EPOCH
+
+
+def test_several_schedulers_in_one_fit_log_their_figures_apart():
+    # Each wrote `sparsity`, `target_sparsity`, ... into the same keys: the last one's stayed.
+    m = compiled(model())
+    first = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.9, end_step=4 * STEPS_PER_EPOCH), layers=m.layers[:2]
+    )
+    second = ks.SparsityScheduler(
+        ks.PolynomialDecay(0.5, end_step=4 * STEPS_PER_EPOCH), layers=m.layers[2:]
+    )
+    history = m.fit(
+        *data(), batch_size=16, epochs=5, shuffle=False, verbose=0, callbacks=[first, second]
+    )
+    logs = history.history
+    assert "sparsity" not in logs and "target_sparsity" not in logs
+    assert logs["target_sparsity/0"][-1] == pytest.approx(0.9)
+    assert logs["target_sparsity/1"][-1] == pytest.approx(0.5)
+    masks = ks.kernel_masks(m)
+    for number, group in enumerate([masks[:2], masks[2:]]):
+        kept = sum(mask.num_active() for mask in group)
+        size = sum(mask.size for mask in group)
+        assert logs[f"sparsity/{number}"][-1] == pytest.approx(1 - kept / size)
+    # Alone in a later fit, a scheduler logs its figures under their plain names again.
+    assert "sparsity" in fit(m, first, epochs=6, initial_epoch=5).history
+
+
+def test_two_schedulers_driving_one_mask_are_refused():
+    m = compiled(model())
+    schedule = ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH)
+    first = ks.SparsityScheduler(schedule, layers=m.layers[:2])
+    second = ks.SparsityScheduler(schedule, layers=m.layers[1:])
+    with pytest.raises(ValueError, match=r"mask of 'hidden_2' is driven by another"):
+        m.fit(*data(), batch_size=16, epochs=1, verbose=0, callbacks=[first, second])
+    # A later fit, with the scheduler of its own, is not refused.
+    fit(m, ks.SparsityScheduler(schedule), epochs=1)
 
 
 class _PutBackTheEpochBeforeTheFreeze(keras.callbacks.Callback):
@@ -446,7 +521,7 @@ def test_weights_put_back_after_two_schedulers_are_said_and_both_follow():
     first = ks.SparsityScheduler(schedule, layers=[m.layers[0]])
     second = ks.SparsityScheduler(schedule, layers=m.layers[1:])
     stopping = keras.callbacks.EarlyStopping(
-        monitor="sparsity_loss", mode="max", patience=99, restore_best_weights=True
+        monitor="sparsity_loss/0", mode="max", patience=99, restore_best_weights=True
     )
     x, y = data()
     with pytest.warns(UserWarning, match=r"start_from_epoch=4`, the epoch of the freeze"):
@@ -462,6 +537,38 @@ def test_weights_put_back_after_two_schedulers_are_said_and_both_follow():
     assert not first.frozen and not second.frozen
     assert not any(mask.frozen for mask in ks.kernel_masks(m))
     assert ks.sparsity_report(m).total.active == numpy_kept(m)
+
+
+def test_a_ramp_ending_with_the_fit_names_its_last_epoch_for_early_stopping():
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_fraction=1.0))
+    x, y = data()
+    with pytest.warns(UserWarning, match=r"start_from_epoch=5`, the epoch of the freeze"):
+        m.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=6,
+            shuffle=False,
+            verbose=0,
+            callbacks=[_PutBackTheEpochBeforeTheFreeze(), scheduler],
+        )
+
+
+def test_saving_weights_put_back_from_before_the_freeze_says_so_and_saves_them(tmp_path):
+    m = compiled(model())
+    scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH))
+    fit(m, scheduler, epochs=2)
+    early = m.get_weights()
+    fit(m, scheduler, epochs=6, initial_epoch=2)
+    m.set_weights(early)
+    expected = numpy_kept(m)
+    path = str(tmp_path / "early.keras")
+    with pytest.warns(UserWarning, match=r"Layer 'hidden': its masks were frozen"):
+        m.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert not any(mask.frozen for mask in ks.kernel_masks(reloaded))
+    assert total_active(reloaded) == expected < total_size(m)
 
 
 def test_strip_after_set_weights_from_before_the_freeze_says_so_and_strips_those_weights():
