@@ -392,8 +392,7 @@ class SparsityScheduler(keras.callbacks.Callback):
         """
         self.model  # noqa: B018 -- JAX: sync the variables before reading them
         with _host_reads():
-            states = [to_numpy(mask.sparsity_state) for mask in self._masks]
-            if _stored_position(states) == (self.step, self.frozen):
+            if _stored_position(self._stored_states()) == (self.step, self.frozen):
                 return
             self._start(resume=True)
         self._programs = {}
@@ -577,7 +576,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             self._hard_prune_all()
             return
         with _host_reads():
-            stored, _ = _stored_position([to_numpy(m.sparsity_state) for m in self._masks])
+            stored, _ = _stored_position(self._stored_states())
             if stored == self.step:
                 return
             sparsity = self.statistics()["sparsity"]
@@ -601,8 +600,7 @@ class SparsityScheduler(keras.callbacks.Callback):
             )
             if not self.frozen or any(mask.frozen for mask in self._masks):
                 return False
-            self.frozen = False
-            self.step = int(to_numpy(self._masks[0].sparsity_state)[_STEP])
+            self.step, self.frozen = _stored_position(self._stored_states())
         return True
 
     # ------------------------------------------------------------ helpers
@@ -635,7 +633,7 @@ class SparsityScheduler(keras.callbacks.Callback):
 
     def _start(self, resume=None):
         """Resume from (or reset) the masks' state; set what a fresh start needs."""
-        states = [to_numpy(mask.sparsity_state) for mask in self._masks]
+        states = self._stored_states()
         if not (self.resume if resume is None else resume):
             states = [np.zeros(len(STATE_FIELDS), "float32") for _ in self._masks]
             for mask in self._masks:
@@ -664,6 +662,10 @@ class SparsityScheduler(keras.callbacks.Callback):
             if not self.frozen:
                 relative = self._relative_schedule(mask)(self.step)
                 mask._temperature.assign(relative / float(state[_SCALE]))
+
+    def _stored_states(self):
+        """Each mask's `sparsity_state`, on the host (NumPy)."""
+        return [to_numpy(mask.sparsity_state) for mask in self._masks]
 
     def _program(self, name, function):
         """The compiled `Program` of `function` over every mask's variables, made once per fit.

@@ -56,7 +56,8 @@ def stripped_kept_and_size(m):
     return sum(np.count_nonzero(k) for k in kernels), sum(k.size for k in kernels)
 
 
-def fit(m, scheduler, epochs, initial_epoch=0, **kwargs):
+def fit(m, callbacks, epochs, initial_epoch=0, **kwargs):
+    """`m.fit` on `data()` in batches of 16, in order; `callbacks` a scheduler or a list."""
     x, y = data()
     return m.fit(
         x,
@@ -66,7 +67,7 @@ def fit(m, scheduler, epochs, initial_epoch=0, **kwargs):
         initial_epoch=initial_epoch,
         shuffle=False,
         verbose=0,
-        callbacks=[scheduler],
+        callbacks=callbacks if isinstance(callbacks, list) else [callbacks],
         **kwargs,
     )
 
@@ -379,11 +380,8 @@ def test_early_stopping_that_restores_weights_from_before_the_freeze_is_said_and
     stopping = keras.callbacks.EarlyStopping(
         monitor="sparsity_loss", mode="max", patience=99, restore_best_weights=True
     )
-    x, y = data()
     with pytest.warns(UserWarning, match=r"were frozen, but .* from before the freeze"):
-        m.fit(
-            x, y, batch_size=16, epochs=6, shuffle=False, verbose=0, callbacks=[scheduler, stopping]
-        )
+        fit(m, [scheduler, stopping], epochs=6)
     assert stopping.best_epoch < 4
     assert_serves_the_restored_weights(m, scheduler)
 
@@ -402,18 +400,9 @@ def test_early_stopping_from_the_freezes_epoch_restores_a_pruned_model_without_w
         restore_best_weights=True,
         start_from_epoch=int(0.5 * epochs),
     )
-    x, y = data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=epochs,
-            shuffle=False,
-            verbose=0,
-            callbacks=[scheduler, stopping],
-        )
+        fit(m, [scheduler, stopping], epochs=epochs)
     assert not [w for w in caught if "before the freeze" in str(w.message)]
     assert stopping.best_epoch < epochs - 1
     assert all(mask.frozen for mask in ks.kernel_masks(m))
@@ -423,11 +412,18 @@ def test_early_stopping_from_the_freezes_epoch_restores_a_pruned_model_without_w
         assert not to_numpy(mask.kernel)[pruned].any()
 
 
-class _StopAndPutBackEpoch1(keras.callbacks.Callback):
+class _PutBack(keras.callbacks.Callback):
+    """Puts back, when training ends, the weights of the end of epoch `kept` (from 0);
+    stops training at the end of epoch `stop`, if given."""
+
+    def __init__(self, kept, stop=None):
+        super().__init__()
+        self.kept, self.stop = kept, stop
+
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 1:
+        if epoch == self.kept:
             self.weights = self.model.get_weights()
-        if epoch == 3:
+        if epoch == self.stop:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
@@ -439,17 +435,8 @@ def test_weights_of_an_earlier_step_put_back_after_an_unfinished_schedule_are_sa
     # which the model no longer held.
     m = compiled(model())
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=8 * STEPS_PER_EPOCH))
-    x, y = data()
     with pytest.warns(UserWarning, match=rf"weights from step {2 * STEPS_PER_EPOCH} of"):
-        m.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=8,
-            shuffle=False,
-            verbose=0,
-            callbacks=[scheduler, _StopAndPutBackEpoch1()],
-        )
+        fit(m, [scheduler, _PutBack(kept=1, stop=3)], epochs=8)
     assert scheduler.step == 2 * STEPS_PER_EPOCH
 
 
@@ -462,9 +449,7 @@ def test_several_schedulers_in_one_fit_log_their_figures_apart():
     second = ks.SparsityScheduler(
         ks.PolynomialDecay(0.5, end_step=4 * STEPS_PER_EPOCH), layers=m.layers[2:]
     )
-    history = m.fit(
-        *data(), batch_size=16, epochs=5, shuffle=False, verbose=0, callbacks=[first, second]
-    )
+    history = fit(m, [first, second], epochs=5)
     logs = history.history
     assert "sparsity" not in logs and "target_sparsity" not in logs
     assert logs["target_sparsity/0"][-1] == pytest.approx(0.9)
@@ -484,34 +469,16 @@ def test_two_schedulers_driving_one_mask_are_refused():
     first = ks.SparsityScheduler(schedule, layers=m.layers[:2])
     second = ks.SparsityScheduler(schedule, layers=m.layers[1:])
     with pytest.raises(ValueError, match=r"mask of 'hidden_2' is driven by another"):
-        m.fit(*data(), batch_size=16, epochs=1, verbose=0, callbacks=[first, second])
+        fit(m, [first, second], epochs=1)
     # A later fit, with the scheduler of its own, is not refused.
     fit(m, ks.SparsityScheduler(schedule), epochs=1)
-
-
-class _PutBackTheEpochBeforeTheFreeze(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 3:  # the last before the freeze
-            self.weights = self.model.get_weights()
-
-    def on_train_end(self, logs=None):
-        self.model.set_weights(self.weights)
 
 
 def test_weights_put_back_by_a_callback_before_the_scheduler_are_said_and_followed():
     m = compiled(model())
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_step=4 * STEPS_PER_EPOCH))
-    x, y = data()
     with pytest.warns(UserWarning, match=r"were frozen, but .* from before the freeze"):
-        m.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=6,
-            shuffle=False,
-            verbose=0,
-            callbacks=[_PutBackTheEpochBeforeTheFreeze(), scheduler],
-        )
+        fit(m, [_PutBack(kept=3), scheduler], epochs=6)  # 3: the last epoch before the freeze
     assert_serves_the_restored_weights(m, scheduler)
 
 
@@ -523,17 +490,8 @@ def test_weights_put_back_after_two_schedulers_are_said_and_both_follow():
     stopping = keras.callbacks.EarlyStopping(
         monitor="sparsity_loss/0", mode="max", patience=99, restore_best_weights=True
     )
-    x, y = data()
     with pytest.warns(UserWarning, match=r"start_from_epoch=4`, the epoch of the freeze"):
-        m.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=6,
-            shuffle=False,
-            verbose=0,
-            callbacks=[first, second, stopping],
-        )
+        fit(m, [first, second, stopping], epochs=6)
     assert not first.frozen and not second.frozen
     assert not any(mask.frozen for mask in ks.kernel_masks(m))
     assert ks.sparsity_report(m).total.active == numpy_kept(m)
@@ -542,17 +500,8 @@ def test_weights_put_back_after_two_schedulers_are_said_and_both_follow():
 def test_a_ramp_ending_with_the_fit_names_its_last_epoch_for_early_stopping():
     m = compiled(model())
     scheduler = ks.SparsityScheduler(ks.PolynomialDecay(0.8, end_fraction=1.0))
-    x, y = data()
     with pytest.warns(UserWarning, match=r"start_from_epoch=5`, the epoch of the freeze"):
-        m.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=6,
-            shuffle=False,
-            verbose=0,
-            callbacks=[_PutBackTheEpochBeforeTheFreeze(), scheduler],
-        )
+        fit(m, [_PutBack(kept=3), scheduler], epochs=6)  # an epoch before the freeze
 
 
 def test_saving_weights_put_back_from_before_the_freeze_says_so_and_saves_them(tmp_path):
